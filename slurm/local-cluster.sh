@@ -1,0 +1,342 @@
+#!/usr/bin/env bash
+# Stand up (or stop) a real, one-node Slurm cluster on this machine, without
+# systemd: Debian's slurmctld + slurmd + munge, run directly as daemons.
+#
+#   slurm/local-cluster.sh start    install if needed, configure, start, wait for the node to be idle
+#   slurm/local-cluster.sh stop     stop slurmd, slurmctld and munged
+#   slurm/local-cluster.sh status   sinfo + squeue
+#
+# Must run as root. Meant for trying the ftcluster Slurm launcher on one box and
+# for CI (Debian 12 containers, no systemd). See slurm/README.md.
+#
+# Tunables (environment, all optional):
+#   LOCAL_SLURM_CPUS          CPUs to advertise for the node (default: nproc). It may
+#                             exceed the real count: SlurmdParameters=config_overrides.
+#   LOCAL_SLURM_OVERSUBSCRIBE partition OverSubscribe value (default FORCE:4)
+#   LOCAL_SLURM_CRED_EXPIRE   AuthInfo cred_expire, seconds, >= 5 (default 5); it is
+#                             also the delay before a requeued job may start again.
+set -euo pipefail
+
+CONF_DIR=/etc/slurm
+CONF=$CONF_DIR/slurm.conf
+CGROUP_CONF=$CONF_DIR/cgroup.conf
+LOG_DIR=/var/log/slurm
+RUN_DIR=/run/slurm
+CTLD_STATE=/var/spool/slurmctld
+SLURMD_SPOOL=/var/spool/slurmd
+CTLD_PID=$RUN_DIR/slurmctld.pid
+SLURMD_PID=$RUN_DIR/slurmd.pid
+MUNGE_KEY=/etc/munge/munge.key
+MUNGE_PID=/run/munge/munged.pid
+MUNGE_SOCKET=/run/munge/munge.socket.2
+WAIT_S=${LOCAL_SLURM_WAIT_S:-60}
+PACKAGES=(slurmctld slurmd slurm-client munge)
+
+log() { printf '[local-cluster] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root"; }
+
+# True if the pid in file $1 is alive and its command name is $2.
+pid_alive() {
+  local file=$1 name=$2 pid
+  [[ -s $file ]] || return 1
+  pid=$(<"$file")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  [[ -r /proc/$pid/comm ]] || return 1
+  [[ $(</proc/"$pid"/comm) == "$name"* ]]
+}
+
+install_packages() {
+  local missing=() p
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  ((${#missing[@]})) || return 0
+  log "installing ${missing[*]}"
+  # Without systemd, the packages' postinst scripts fall back to invoke-rc.d and
+  # would try to start the daemons from their init scripts with Debian's
+  # defaults. We start them ourselves, so deny that with a temporary
+  # policy-rc.d (Docker-style images usually ship one already; keep theirs).
+  local policy=/usr/sbin/policy-rc.d added_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    added_policy=1
+  fi
+  local rc=0
+  {
+    # The package lists may be missing on a fresh machine.
+    if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
+      apt-get update -q
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; }
+  } || rc=$?
+  ((added_policy)) && rm -f "$policy"
+  ((rc == 0)) || die "apt-get install failed (rc=$rc)"
+}
+
+start_munge() {
+  # munged refuses to start unless the key and its directories are owned by the
+  # munge user and not accessible to others.
+  install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
+  install -d -o munge -g munge -m 0755 /run/munge
+  if [[ ! -s $MUNGE_KEY ]]; then
+    log "creating $MUNGE_KEY"
+    mungekey --create --keyfile="$MUNGE_KEY"
+  fi
+  chown munge:munge "$MUNGE_KEY"
+  chmod 0400 "$MUNGE_KEY"
+  if pid_alive "$MUNGE_PID" munged && munge -n </dev/null | unmunge >/dev/null 2>&1; then
+    return 0
+  fi
+  log "starting munged"
+  # munged daemonises by itself and writes $MUNGE_PID. Run it as the munge user,
+  # as Debian's unit does. --force: start even if a stale socket is left over.
+  runuser -u munge -- /usr/sbin/munged --force
+  local i
+  for ((i = 0; i < 50; i++)); do
+    munge -n </dev/null | unmunge >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  tail -n 20 /var/log/munge/munged.log >&2 || true
+  die "munged does not answer on $MUNGE_SOCKET"
+}
+
+write_config() {
+  local node cpus mem_kb mem_mb headroom real_mem oversub cred_expire tmp
+  node=$(hostname -s)
+  [[ -n $node ]] || die "hostname -s is empty"
+  cpus=${LOCAL_SLURM_CPUS:-$(nproc)}
+  mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+  mem_mb=$((mem_kb / 1024))
+  # Leave 10% (at least 256 MB) for the OS and the daemons.
+  headroom=$((mem_mb / 10 > 256 ? mem_mb / 10 : 256))
+  real_mem=$((mem_mb - headroom > 256 ? mem_mb - headroom : 256))
+  oversub=${LOCAL_SLURM_OVERSUBSCRIBE:-FORCE:4}
+  cred_expire=${LOCAL_SLURM_CRED_EXPIRE:-5}
+  ((cred_expire >= 5)) || die "LOCAL_SLURM_CRED_EXPIRE must be >= 5 (Slurm ignores smaller values)"
+
+  install -d -m 0755 "$CONF_DIR"
+  tmp=$(mktemp "$CONF_DIR/.slurm.conf.XXXXXX")
+  cat >"$tmp" <<EOF
+# Generated by ftcluster slurm/local-cluster.sh -- a ONE-node test cluster.
+# Regenerated on every 'start'; edit the script, not this file.
+ClusterName=local
+# Name from 'hostname -s' (slurmctld checks it is running on this host); the
+# address in parentheses means clients and slurmd never need to resolve the
+# name (a container's hostname is often not in DNS or /etc/hosts).
+SlurmctldHost=${node}(127.0.0.1)
+SlurmUser=slurm
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire is the job-step credential lifetime AND the time a requeued job
+# must wait before it may start again (its BeginTime is set to
+# now + cred_expire + 1). The default, 120 s, makes a requeue cycle take over
+# two minutes; 5 is Slurm's minimum.
+AuthInfo=cred_expire=${cred_expire}
+MpiDefault=none
+
+# Containers: no cgroups, no systemd. linuxproc tracks a job's processes by
+# parent/child relation; task/none does no binding or confinement.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+# Use the node definition below even if it does not match the hardware slurmd
+# detects (topology, memory, or more CPUs than the box has), instead of marking
+# the node INVALID.
+SlurmdParameters=config_overrides
+
+SlurmctldPidFile=${CTLD_PID}
+SlurmdPidFile=${SLURMD_PID}
+StateSaveLocation=${CTLD_STATE}
+SlurmdSpoolDir=${SLURMD_SPOOL}
+SlurmctldLogFile=${LOG_DIR}/slurmctld.log
+SlurmdLogFile=${LOG_DIR}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+
+# No slurmdbd: no sacct. Exit codes of finished jobs are read with
+# 'scontrol show job' while the record lives (MinJobAge) or from the jobcomp
+# text file, which keeps one line per finished job forever.
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=${LOG_DIR}/jobcomp.log
+# Keep finished jobs visible to 'scontrol show job' for 10 minutes (default 300 s).
+MinJobAge=600
+MaxJobCount=10000
+
+# Batch jobs may be requeued (scontrol requeue / node failure) by default.
+JobRequeue=1
+# A DOWN node becomes usable again as soon as its slurmd registers with a valid
+# configuration, whatever the reason it went DOWN (e.g. after a restart).
+ReturnToService=2
+# Declare slurmd dead (node DOWN) after 30 s without an answer (default 300).
+SlurmdTimeout=30
+SlurmctldTimeout=30
+# Seconds between SIGTERM and SIGKILL when a job is cancelled or times out.
+KillWait=30
+# Do not cancel jobs whose srun has gone away for a while: no limit.
+InactiveLimit=0
+
+SchedulerType=sched/backfill
+# The main scheduler runs on events (submit, job end) and otherwise only every
+# sched_interval (default 60 s) -- and reaching a job's BeginTime is not an
+# event. With the defaults a requeued job would wait up to ~60 s after its
+# BeginTime; scan every 2 s instead (backfill every 2 s too). Cheap for a
+# handful of jobs.
+SchedulerParameters=sched_interval=2,bf_interval=2,batch_sched_delay=0
+# Allocate cores, not whole nodes, so several small jobs share the node.
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+
+NodeName=${node} NodeAddr=127.0.0.1 NodeHostname=${node} CPUs=${cpus} RealMemory=${real_mem} State=UNKNOWN
+# OverSubscribe=FORCE:4: up to 4 jobs may share each core, so tests can run
+# more small jobs at once than there are cores (no gang scheduling: they simply
+# run concurrently).
+PartitionName=debug Nodes=${node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=${oversub}
+EOF
+  chmod 0644 "$tmp"
+  if [[ -f $CONF ]] && cmp -s "$tmp" "$CONF"; then
+    rm -f "$tmp"
+    return 1 # unchanged
+  fi
+  mv -f "$tmp" "$CONF"
+  log "wrote $CONF"
+  return 0
+}
+
+write_cgroup_conf() {
+  # Not loaded with proctrack/linuxproc + task/none, but slurmd looks for the
+  # file; keep it present and harmless.
+  local want='# Generated by ftcluster slurm/local-cluster.sh. No cgroup plugins are used.
+CgroupPlugin=autodetect
+IgnoreSystemd=yes'
+  if [[ ! -f $CGROUP_CONF ]] || [[ "$(<"$CGROUP_CONF")" != "$want" ]]; then
+    printf '%s\n' "$want" >"$CGROUP_CONF"
+  fi
+}
+
+make_dirs() {
+  install -d -o slurm -g slurm -m 0755 "$LOG_DIR" "$RUN_DIR"
+  # slurmctld runs as SlurmUser and writes its state here.
+  install -d -o slurm -g slurm -m 0700 "$CTLD_STATE"
+  # slurmd runs as root.
+  install -d -o root -g root -m 0755 "$SLURMD_SPOOL"
+}
+
+stop_daemon() { # pidfile name
+  local file=$1 name=$2 pid i
+  pid_alive "$file" "$name" || { rm -f "$file"; return 0; }
+  pid=$(<"$file")
+  log "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$file"; return 0; }
+    sleep 0.2
+  done
+  log "$name did not stop in 20 s; SIGKILL"
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$file"
+}
+
+start_daemons() {
+  if ! pid_alive "$CTLD_PID" slurmctld; then
+    log "starting slurmctld"
+    # Daemonises by itself; starts as root, then drops to SlurmUser.
+    /usr/sbin/slurmctld
+  fi
+  if ! pid_alive "$SLURMD_PID" slurmd; then
+    log "starting slurmd"
+    /usr/sbin/slurmd
+  fi
+}
+
+node_state() { sinfo -h -N -n "$(hostname -s)" -o '%T' 2>/dev/null | head -n1; }
+
+dump_logs() {
+  local f
+  for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" /var/log/munge/munged.log; do
+    [[ -f $f ]] || continue
+    echo "===== tail $f =====" >&2
+    tail -n 40 "$f" >&2
+  done
+}
+
+wait_idle() {
+  local node deadline state resumed=0
+  node=$(hostname -s)
+  deadline=$((SECONDS + WAIT_S))
+  while ((SECONDS < deadline)); do
+    state=$(node_state || true)
+    case $state in
+      *'*') ;; # trailing '*': registered once but not responding yet; keep waiting
+      idle | mixed | allocated | completing)
+        log "node $node is $state"
+        return 0 ;;
+      down* | drain* | fail*)
+        # Left over from an earlier run (saved state). Registration normally
+        # clears DOWN (ReturnToService=2); a DRAIN needs an explicit resume.
+        if ((!resumed)); then
+          log "node $node is $state; resuming it"
+          scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+          resumed=1
+        fi ;;
+    esac
+    sleep 1
+  done
+  log "node $node not idle after ${WAIT_S}s (state: ${state:-unknown})"
+  sinfo -N -l >&2 || true
+  scontrol show node "$node" >&2 || true
+  dump_logs
+  return 1
+}
+
+cmd_start() {
+  need_root
+  install_packages
+  start_munge
+  make_dirs
+  write_cgroup_conf
+  if write_config; then
+    # New or changed configuration: restart whatever is running so it takes
+    # effect. Jobs survive (their slurmstepd keeps running) and the controller
+    # recovers its state from StateSaveLocation.
+    if pid_alive "$SLURMD_PID" slurmd || pid_alive "$CTLD_PID" slurmctld; then
+      log "configuration changed; restarting the Slurm daemons"
+      stop_daemon "$SLURMD_PID" slurmd
+      stop_daemon "$CTLD_PID" slurmctld
+    fi
+  fi
+  start_daemons
+  if ! wait_idle; then
+    die "cluster did not come up"
+  fi
+  cmd_status
+}
+
+cmd_stop() {
+  need_root
+  stop_daemon "$SLURMD_PID" slurmd
+  stop_daemon "$CTLD_PID" slurmctld
+  stop_daemon "$MUNGE_PID" munged
+}
+
+cmd_status() {
+  local rc=0
+  sinfo || rc=$?
+  squeue || rc=$?
+  return $rc
+}
+
+case ${1:-} in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  restart) cmd_stop; cmd_start ;;
+  *)
+    echo "usage: $0 {start|stop|status|restart}" >&2
+    exit 2 ;;
+esac
