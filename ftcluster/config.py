@@ -261,6 +261,8 @@ class CheckpointConfig:
     """Save every N steps (and always at the last step); 0 saves only at the end."""
     keep_last: int = 2
     """Committed checkpoints to keep (older ones are deleted after a new one commits)."""
+    enabled: bool = True
+    """False: never save (benchmarks). The run cannot be resumed."""
 
     def validate(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0; got {self.every_steps}")

@@ -74,8 +74,8 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
     hf_config = build_hf_config(job.model)
     tokenizer = _load_tokenizer(job) if job.data.format != "synthetic" else None
     data = build_dataset(job.data, tokenizer=tokenizer, seed=job.seed, vocab_size=hf_config.vocab_size)
-    check_enough_samples(data, global_batch=global_batch, micro_batch_size=tcfg.micro_batch_size,
-                         grad_accum=tcfg.grad_accum, world_size=d.world_size)
+    check_enough_samples(data, micro_batch_size=tcfg.micro_batch_size, grad_accum=tcfg.grad_accum,
+                         world_size=d.world_size)
     pad_id = _pad_id(tokenizer)
     if tokenizer is not None and len(tokenizer) > hf_config.vocab_size:
         raise ValueError(f"model.tokenizer: {len(tokenizer)} tokens but the model's vocab_size is {hf_config.vocab_size}")
@@ -214,7 +214,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
             window = _Window(t0=time.perf_counter(), tokens_at_t0=tok_v)
 
         every = job.checkpoint.every_steps
-        if last or (every and step % every == 0):
+        if job.checkpoint.enabled and (last or (every and step % every == 0)):
             t_save = time.perf_counter()
             save(step)
             window.t0 += time.perf_counter() - t_save  # checkpoint time is not training throughput

@@ -108,10 +108,14 @@ def load_rows(source: Source, *, split: str) -> datasets.Dataset:
         if source.loader == "json":
             for f in source.files:
                 check_json_file(f)
+            _check_same_fields(source.files)
         else:
             for f in source.files:
                 _check_parquet_file(f)
-        raise DataError(f"data.path: could not load {source.path}: {type(e).__name__}: {e}") from e
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise DataError(f"data.path: could not load {source.path}: {type(cause).__name__}: {cause}") from e
 
 
 def check_json_file(path: str) -> None:
@@ -148,6 +152,25 @@ def check_json_file(path: str) -> None:
         raise DataError(f"{path}: expected JSON Lines or one JSON array of objects")
     if not obj:
         raise DataError(f"{path}: no rows (empty array)")
+
+
+def _check_same_fields(files: tuple[str, ...]) -> None:
+    """The datasets JSON loader takes its columns from the first file and fails on a file with
+    other columns; name that file. Compares first rows only: this runs on the error path."""
+    first: tuple[str, frozenset] | None = None
+    for f in files:
+        if not _is_json_lines(f):
+            continue
+        with open(f, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if raw.strip():
+                    keys = frozenset(json.loads(raw))
+                    if first is None:
+                        first = (f"{f}:{lineno}", keys)
+                    elif keys != first[1]:
+                        raise DataError(f"{f}:{lineno}: fields {', '.join(sorted(keys))} differ from the fields "
+                                        f"{', '.join(sorted(first[1]))} of {first[0]}; all files need the same fields")
+                    break
 
 
 def _check_parquet_file(path: str) -> None:

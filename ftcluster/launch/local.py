@@ -1,6 +1,7 @@
 """launcher=local: `nproc_per_node` ranks on this host through torch's elastic launcher API."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import uuid
@@ -25,29 +26,41 @@ def launch_local(job: JobConfig, run_dir: Path) -> int:
     )
     # Ranks share the host's cores: split them rather than oversubscribe (a user's setting wins).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torch elastic logs each failed rank's traceback at ERROR; we write it to logs/rank<r>.error
+    # and print one line per failed rank instead.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     print(f"ftcluster: {nproc} rank(s) on this host; run dir {run_dir}", flush=True)
     try:
         elastic_launch(config, rank_entry)(job, str(run_dir))
     except ChildFailedError as e:
-        print(f"ftcluster: training failed ({len(e.failures)} rank(s)); logs in {run_dir / 'logs'}", file=sys.stderr)
+        print(f"ftcluster: training failed on {len(e.failures)} rank(s); logs in {run_dir / 'logs'}", file=sys.stderr)
         for rank, failure in sorted(e.failures.items()):
-            print(f"  rank {rank}: {_failure_message(failure)}", file=sys.stderr)
+            full = _failure_text(failure)
+            (run_dir / "logs" / f"rank{rank}.error").write_text(full + "\n")
+            print(f"  rank {rank}: {_last_line(full)}", file=sys.stderr)
         return 1
     print(f"ftcluster: done. metrics {run_dir / 'metrics.jsonl'}, checkpoints {run_dir / 'checkpoints'}", flush=True)
     return 0
 
 
-def _failure_message(failure) -> str:  # type: ignore[no-untyped-def]
+def _failure_text(failure) -> str:  # type: ignore[no-untyped-def]
+    """The rank's error with its traceback, from the error file `record` wrote."""
     msg = failure.message
-    if isinstance(msg, dict):  # the error file written by @record
+    if isinstance(msg, dict):
         msg = msg.get("message", msg)
         if isinstance(msg, dict):
-            msg = msg.get("message", str(msg))
+            extra = msg.get("extraInfo", {}).get("py_callstack", "")
+            msg = extra or msg.get("message", str(msg))
     text = str(msg).strip()
     if not text or text.startswith("To enable traceback"):
-        text = f"exited with code {failure.exitcode} (see the rank's log)"
-    # The last line of a traceback is the error itself.
-    return text.strip().splitlines()[-1] if "Traceback" in text else text
+        text = f"exited with code {failure.exitcode} (signal or crash; see the rank's log)"
+    return text
+
+
+def _last_line(text: str) -> str:
+    """The error itself: the last non-empty line of a traceback."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else text
 
 
 def rank_entry(job: JobConfig, run_dir: str) -> None:
