@@ -1,7 +1,8 @@
 """The one checkpoint manager: save, commit, retain, find, load.
 
 Layout of a committed checkpoint `<run.dir>/checkpoints/step_<N>/`:
-  dcp/            model + optimizer, sharded, torch.distributed.checkpoint (reshards on load)
+  engine/         model + optimizer, sharded, written by the parallel backend (FSDP2: torch.distributed
+                  .checkpoint, which reshards on load)
   rank_<r>.pt     per-rank state (RNG, data position as seen by that rank); tensors and plain types
                   only, loaded with weights_only=True
   config.yaml     the resolved config of the run that wrote it
@@ -23,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from ftcluster.distributed import Dist, barrier
 
@@ -82,7 +81,7 @@ class CheckpointManager:
 
     # --- save ---------------------------------------------------------------------------------
 
-    def save(self, *, step: int, engine_state: dict, rank_state: dict, meta: dict, config_yaml: str) -> float:
+    def save(self, *, step: int, engine, rank_state: dict, meta: dict, config_yaml: str) -> float:  # type: ignore[no-untyped-def]
         """Write and commit checkpoint `step`. Collective: every rank calls it. Returns seconds."""
         t0 = time.perf_counter()
         final = self.dir / f"{STEP_PREFIX}{step}"
@@ -93,7 +92,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)  # a crash's leftover of the same step
             tmp.mkdir()
         barrier()
-        dcp.save(engine_state, checkpoint_id=str(tmp / "dcp"))
+        engine.save_state(tmp / "engine")
         _atomic_torch_save(rank_state, tmp / f"rank_{self.d.rank}.pt")
         barrier()  # every rank's shards and state are on disk
         if self.d.is_main:
@@ -124,11 +123,11 @@ class CheckpointManager:
 
     # --- load ---------------------------------------------------------------------------------
 
-    def load(self, path: Path, *, engine_state: dict) -> Loaded:
-        """Fill `engine_state` (from engine.checkpoint_state()) in place from `path`; resharding to
-        the current world size is done by torch.distributed.checkpoint."""
+    def load(self, path: Path, *, engine) -> Loaded:  # type: ignore[no-untyped-def]
+        """Restore the engine (model, optimizer; resharded by the backend) from `path` and return
+        the run's metadata and this rank's saved state."""
         meta = json.loads((path / "meta.json").read_text())
-        dcp.load(engine_state, checkpoint_id=str(path / "dcp"))
+        engine.load_state(path / "engine")
         rank_file = path / f"rank_{self.d.rank}.pt"
         rank_state = None
         if meta.get("world_size") == self.d.world_size and rank_file.is_file():
@@ -183,7 +182,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def world_is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()

@@ -55,6 +55,10 @@ def train(job: JobConfig, run_dir: Path) -> None:
     """Entry point on every rank (the environment holds RANK/WORLD_SIZE/... from the launcher)."""
     d = init_distributed()
     _setup_logging(run_dir, d)
+    if not d.is_main:
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         _train(job, Path(run_dir), d)
     finally:
@@ -73,7 +77,12 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
     # --- data (first: bad data must fail before anything expensive) ---
     hf_config = build_hf_config(job.model)
     tokenizer = _load_tokenizer(job) if job.data.format != "synthetic" else None
+    # Local rank 0 of each host tokenises first and fills the datasets cache; the others then read it.
+    if d.local_rank != 0:
+        barrier()
     data = build_dataset(job.data, tokenizer=tokenizer, seed=job.seed, vocab_size=hf_config.vocab_size)
+    if d.local_rank == 0:
+        barrier()
     check_enough_samples(data, micro_batch_size=tcfg.micro_batch_size, grad_accum=tcfg.grad_accum,
                          world_size=d.world_size)
     pad_id = _pad_id(tokenizer)
@@ -108,9 +117,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
     source = ckpt.resolve(job.resume)
     logger_run_id = None
     if source is not None:
-        state = engine.checkpoint_state()
-        loaded = ckpt.load(source, engine_state=state)
-        engine.load_checkpoint_state(state)
+        loaded = ckpt.load(source, engine=engine)
         progress = Progress(step=loaded.meta["step"], tokens_seen=loaded.meta["tokens_seen"])
         batches.load_state_dict(loaded.meta["data"])
         logger_run_id = loaded.meta.get("logger_run_id")
@@ -155,7 +162,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
         rank_state = {"rng": rng_state(), "data": batches.state_dict()}
         meta = {"tokens_seen": progress.tokens_seen + int(tokens_seen.item()), "data": batches.state_dict(),
                 "logger_run_id": logger_run_id}
-        secs = ckpt.save(step=step, engine_state=engine.checkpoint_state(), rank_state=rank_state,
+        secs = ckpt.save(step=step, engine=engine, rank_state=rank_state,
                          meta=meta, config_yaml=config_yaml)
         metrics.event("checkpoint", step=step, seconds=round(secs, 3))
 
@@ -165,7 +172,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
         micro = [batches.next_microbatch() for _ in range(tcfg.grad_accum)]
         # Token counts come from CPU tensors (no device sync); one all-reduce makes them global.
         local = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
-                              sum(int((b["input_ids"] != pad_id).sum()) for b in micro)], dtype=torch.float64)
+                              sum(int(b["num_tokens"]) for b in micro)], dtype=torch.float64)
         span = max(b["input_ids"].shape[1] for b in micro)
         counts_dev = all_reduce_sum(local.pin_memory().to(dev, non_blocking=True) if on_gpu else local)
         # Loss = (sum of token losses over all micro-batches and ranks) / (global supervised tokens).

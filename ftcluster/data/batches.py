@@ -72,7 +72,8 @@ class DistributedBatches:
         return [int(self._order(p // n)[p % n]) for p in range(start, stop)]
 
     def next_microbatch(self) -> dict[str, torch.Tensor]:
-        """This rank's next micro-batch: `input_ids` and `labels`, LongTensor[B, T] on CPU.
+        """This rank's next micro-batch: `input_ids` and `labels`, LongTensor[B, T] on CPU, and
+        `num_tokens`, the number of real (non-pad) tokens in it.
 
         Labels are already shifted for next-token prediction: `labels[b, t]` is `input_ids[b, t+1]`
         when token t+1 is supervised, else -100 (as are the last position and all padding), so the
@@ -99,7 +100,9 @@ class DistributedBatches:
             n = len(ids)
             input_ids[b, :n] = ids
             labels[b, :n - 1] = np.where(supervised[1:], ids[1:], IGNORE_INDEX)
-        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                 # Real (non-pad) tokens, known here for free; the pad id may also be a real token.
+                 "num_tokens": torch.tensor(sum(len(ids) for ids, _ in samples), dtype=torch.int64)}
         if self.pin_memory:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch

@@ -7,6 +7,7 @@ only its own shards, then builds the optimizer over the trainable (sharded) para
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -35,11 +36,12 @@ class Engine(Protocol):
         true (decided on the device: a non-finite step changes no weight and no optimizer state),
         then zero the gradients."""
 
-    def checkpoint_state(self) -> dict:
-        """torch.distributed.checkpoint-compatible state (model and optimizer), sharded."""
+    def save_state(self, directory: Path) -> None:
+        """Collective: write model and optimizer state, sharded, under `directory` (created by the
+        caller, inside the checkpoint manager's temporary directory)."""
 
-    def load_checkpoint_state(self, state: dict) -> None:
-        """Inverse of checkpoint_state (after dcp.load filled `state` in place)."""
+    def load_state(self, directory: Path) -> None:
+        """Collective: restore what save_state wrote, resharding to the current world size."""
 
 
 Materialize = Callable[[nn.Module, torch.device], None]

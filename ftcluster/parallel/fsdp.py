@@ -7,6 +7,8 @@ cost memory), gathered in the compute dtype for forward/backward, and gradients 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -65,13 +67,19 @@ class FSDP2Engine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def checkpoint_state(self) -> dict:
+    def save_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
 
-    def load_checkpoint_state(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+    def load_state(self, directory: Path) -> None:
+        # torch.distributed.checkpoint reshards: each rank reads the pieces of its current shards.
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
