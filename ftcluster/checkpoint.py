@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,8 +82,10 @@ class CheckpointManager:
 
     # --- save ---------------------------------------------------------------------------------
 
-    def save(self, *, step: int, engine, rank_state: dict, meta: dict, config_yaml: str) -> float:  # type: ignore[no-untyped-def]
-        """Write and commit checkpoint `step`. Collective: every rank calls it. Returns seconds."""
+    def save(self, *, step: int, engine, rank_state: dict, meta: dict, config_yaml: str,  # type: ignore[no-untyped-def]
+             before_commit: Callable[[], None] | None = None) -> float:
+        """Write and commit checkpoint `step`. Collective: every rank calls it. Returns seconds.
+        `before_commit` runs on rank 0 between the last write and the commit (a test hook)."""
         t0 = time.perf_counter()
         final = self.dir / f"{STEP_PREFIX}{step}"
         tmp = self.dir / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
@@ -100,6 +103,8 @@ class CheckpointManager:
             meta = {**meta, "step": step, "world_size": self.d.world_size, "saved_at": time.time()}
             _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
             _fsync_tree(tmp)
+            if before_commit is not None:
+                before_commit()
             if final.exists():  # re-saving a step (e.g. a resumed run's final save): swap safely
                 old = self.dir / f"{TMP_PREFIX}old-{final.name}"
                 shutil.rmtree(old, ignore_errors=True)

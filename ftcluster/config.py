@@ -10,6 +10,7 @@ after validation: derived facts (world size, accumulation, mesh) live in their o
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -76,9 +77,35 @@ class ModelConfig:
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    # Context extension (ftcluster/rope.py). Unset: the model's own RoPE parameters are kept.
+    rope_scaling_type: Optional[str] = None
+    """RoPE scaling written into the model config: `linear` (position interpolation, LongLoRA's
+    choice), `dynamic` (dynamic NTK), `yarn`, `llama3`. Unset with `extend_context_to`: the model's
+    own scaling type if it has one of these, else `linear`."""
+    rope_scaling_factor: Optional[float] = None
+    """Context scaling factor (>= 1) relative to the model's original (pre-training) context."""
+    extend_context_to: Optional[int] = None
+    """Target context in tokens: factor = this / the model's original maximum position
+    (`original_max_position_embeddings` if the config has one, else `max_position_embeddings`);
+    `max_position_embeddings` becomes this (kept at the original for `dynamic`, whose scaling
+    starts there)."""
+    rope_beta_fast: float = 32.0
+    """YaRN: rotations above which dimensions are extrapolated (not interpolated)."""
+    rope_beta_slow: float = 1.0
+    """YaRN: rotations below which dimensions are fully interpolated."""
+    rope_attention_factor: Optional[float] = None
+    """YaRN: attention (cos/sin) scale; unset: 0.1 * ln(factor) + 1, as in the paper."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original / low_freq_factor are divided by the factor (Meta's 1)."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original / high_freq_factor are kept (Meta's 4)."""
+    liger: bool = False
+    """Use Liger kernels (pip install liger-kernel; GPU only): RMSNorm, SwiGLU and RoPE Triton
+    kernels in the model, and a fused linear cross-entropy loss instead of the chunked one."""
 
     def validate(self) -> None:
         _one_of(self.init, "model.init", ("pretrained", "random"))
+        self._validate_rope()
         if self.init == "pretrained":
             _require(self.path is not None, "model.path", "required with model.init=pretrained (a local Hugging Face directory)")
         if self.path is not None:
@@ -94,6 +121,30 @@ class ModelConfig:
             _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", "must divide model.num_heads")
         if self.tokenizer is not None:
             _require(Path(self.tokenizer).is_dir(), "model.tokenizer", f"no such directory: {self.tokenizer}")
+
+    def _validate_rope(self) -> None:
+        kind, factor, target = self.rope_scaling_type, self.rope_scaling_factor, self.extend_context_to
+        if kind is not None:
+            _one_of(kind, "model.rope_scaling_type", ("linear", "dynamic", "yarn", "llama3"))
+            _require(factor is not None or target is not None, "model.rope_scaling_factor",
+                     f"required with model.rope_scaling_type={kind} (or set model.extend_context_to)")
+        if factor is not None:
+            _require(kind is not None, "model.rope_scaling_type", "required with model.rope_scaling_factor")
+            _require(factor >= 1.0, "model.rope_scaling_factor", f"must be >= 1; got {factor}")
+            _require(target is None, "model.extend_context_to", "set it or model.rope_scaling_factor, not both")
+        _require(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast",
+                 f"must be > model.rope_beta_slow > 0; got {self.rope_beta_fast}, {self.rope_beta_slow}")
+        _require(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "model.rope_high_freq_factor",
+                 f"must be > model.rope_low_freq_factor > 0; got {self.rope_high_freq_factor}, {self.rope_low_freq_factor}")
+        if target is not None and (self.path is None or (Path(self.path) / "config.json").is_file()):
+            from ftcluster.rope import original_max_positions  # rope.py imports this module
+
+            if self.path is not None:
+                original = original_max_positions(json.loads((Path(self.path) / "config.json").read_text()))
+            else:
+                original = self.max_position_embeddings
+            _require(target > original, "model.extend_context_to",
+                     f"must exceed the model's original context of {original} tokens; got {target}")
 
 
 def _looks_local(path: str) -> bool:
@@ -143,19 +194,31 @@ class DataConfig:
             _require(bool(self.path), "data.path", f"required for data.format={self.format}")
 
 
-PEFT_METHODS = ("none", "lora")
+PEFT_METHODS = ("none", "lora", "longlora")
 
 
 @dataclass(kw_only=True)
 class PeftConfig:
     method: str = "none"
-    """`none` (full fine-tuning) or `lora`."""
+    """`none` (full fine-tuning), `lora`, or `longlora` (LoRA + `trainable_modules`, normally the
+    embeddings and norms (LongLoRA+); `peft=longlora` also selects S2-Attn,
+    `model.attn_implementation=s2_attn`, used in training only)."""
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     """Module name suffixes that get adapters; `all-linear` means every linear projection of the
     decoder layers (not the output head)."""
+    trainable_modules: List[str] = field(default_factory=list)
+    """Modules trained in full next to the adapters, as fp32 master weights: each entry matches a
+    module whose dotted name ends with it as whole components (`norm` is the final norm only,
+    `input_layernorm` every layer's). An entry matching nothing is an error."""
+    group_size_ratio: float = 0.25
+    """S2-Attn (`model.attn_implementation=s2_attn`) group size as a fraction of each batch's
+    sequence length (LongLoRA: 1/4), rounded down, at least 2. Any length works: the last group
+    may be shorter. Evaluation and generation use full attention."""
+    group_size: Optional[int] = None
+    """Absolute S2-Attn group size in tokens (>= 2); overrides `group_size_ratio`."""
 
     def validate(self) -> None:
         _one_of(self.method, "peft.method", PEFT_METHODS)
@@ -164,6 +227,13 @@ class PeftConfig:
             _require(self.alpha > 0, "peft.alpha", f"must be > 0; got {self.alpha}")
             _require(0.0 <= self.dropout < 1.0, "peft.dropout", f"must be in [0, 1); got {self.dropout}")
             _require(len(self.target_modules) > 0, "peft.target_modules", "must name at least one module")
+        _require(self.method != "none" or not self.trainable_modules, "peft.trainable_modules",
+                 "only with an adapter method (peft=none trains every parameter already)")
+        _require(all(bool(m) and not m.startswith(".") and not m.endswith(".") for m in self.trainable_modules),
+                 "peft.trainable_modules", f"entries must be module names like embed_tokens; got {self.trainable_modules}")
+        _require(0.0 < self.group_size_ratio <= 1.0, "peft.group_size_ratio", f"must be in (0, 1]; got {self.group_size_ratio}")
+        _require(self.group_size is None or self.group_size >= 2, "peft.group_size",
+                 f"must be >= 2 (the shifted half of the heads moves by group_size // 2); got {self.group_size}")
 
 
 @dataclass(kw_only=True)
@@ -199,7 +269,54 @@ class LocalLauncherConfig:
         _require(0 <= self.master_port < 65536, "launcher.master_port", "must be in [0, 65535]")
 
 
-LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig}
+RAY_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(kw_only=True)
+class RayLauncherConfig:
+    kind: str = "ray"
+    address: str = "auto"
+    """Ray cluster to run on: `auto` (the running cluster this host belongs to, or $RAY_ADDRESS),
+    `local` (start a private one-node cluster inside the driver), `host:port` (a cluster's GCS
+    address) or `ray://host:port` (Ray Client)."""
+    num_workers: str = "auto"
+    """Training workers (ranks): an int, or `auto` (every GPU the cluster has now, divided by
+    gpus_per_worker; 1 on a cluster without GPUs)."""
+    gpus_per_worker: str = "auto"
+    """GPUs per worker: 1, 0 (CPU workers, gloo), or `auto` (1 when the cluster has GPUs, 0 when
+    it has none). Each rank drives one device, so more than 1 is refused."""
+    cpus_per_worker: int = 1
+    """Logical CPUs reserved per worker; Ray also sets OMP_NUM_THREADS to it."""
+    placement_strategy: str = "PACK"
+    """How the workers' resource bundles are placed: PACK (as few nodes as possible), SPREAD,
+    STRICT_PACK (one node or fail), STRICT_SPREAD (one worker per node)."""
+    max_failures: int = 0
+    """Worker-group failures (crash, OOM, lost node) to recover from by restarting every worker
+    from the newest committed checkpoint; -1 = unlimited, 0 = fail on the first."""
+    storage_path: Optional[str] = None
+    """Where Ray Train keeps its own run state (a filesystem or URI every node sees). Defaults to
+    the run dir. ftcluster checkpoints always live in <run.dir>/checkpoints."""
+
+    def validate(self) -> None:
+        _require(self.kind == "ray", "launcher.kind", "must be 'ray' for this launcher")
+        a = self.address
+        ok = a in ("auto", "local") or a.startswith("ray://") or re.fullmatch(r"[\w.\-\[\]:]+:\d+", a) is not None
+        _require(ok, "launcher.address", f"must be auto, local, host:port or ray://host:port; got {a!r}")
+        v = str(self.num_workers)
+        _require(v == "auto" or (v.isdigit() and int(v) >= 1), "launcher.num_workers",
+                 f"must be a positive int or 'auto'; got {v!r}")
+        _require(str(self.gpus_per_worker) in ("auto", "0", "1"), "launcher.gpus_per_worker",
+                 f"must be 0, 1 or 'auto' (each rank drives one device; use more workers for more GPUs); "
+                 f"got {self.gpus_per_worker!r}")
+        _require(self.cpus_per_worker >= 0, "launcher.cpus_per_worker", f"must be >= 0; got {self.cpus_per_worker}")
+        _one_of(self.placement_strategy, "launcher.placement_strategy", RAY_PLACEMENT_STRATEGIES)
+        _require(self.max_failures >= -1, "launcher.max_failures", f"must be >= -1 (-1 = unlimited); got {self.max_failures}")
+        if self.storage_path is not None:
+            _require(self.storage_path.startswith("/") or "://" in self.storage_path, "launcher.storage_path",
+                     f"must be an absolute path or a URI (s3://, gs://, ...) every node sees; got {self.storage_path!r}")
+
+
+LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "ray": RayLauncherConfig}
 
 
 @dataclass(kw_only=True)
@@ -296,6 +413,12 @@ class DebugConfig:
     nan_at_step: int = 0
     """Test hook: rank `nan_rank` makes its loss NaN at this step (0 = off)."""
     nan_rank: int = 0
+    kill_at_step: int = 0
+    """Test hook: right after the checkpoint of this step commits, SIGKILL the job's whole process
+    group (every rank and the launcher), exactly like `kill -9` of the job (0 = off)."""
+    kill_in_save_at_step: int = 0
+    """Test hook: SIGKILL the job while saving this step's checkpoint, after every rank wrote its
+    shards and before the commit (0 = off)."""
 
     def validate(self) -> None:
         _require(self.fail_at_step >= 0, "debug.fail_at_step", "must be >= 0")

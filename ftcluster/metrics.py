@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,9 @@ def start_wandb(*, run_dir: Path, logger_cfg, run_name: str, run_id: str | None,
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    run_id = run_id or wandb.util.generate_id()
-    settings = wandb.Settings(save_code=False, disable_git=True, x_disable_stats=True, console="off")
+    run_id = run_id or secrets.token_hex(4)
+    # No code or git capture and no console capture: only the redacted config and our metrics leave.
+    settings = wandb.Settings(save_code=False, disable_git=True, console="off")
     run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
                      tags=list(logger_cfg.tags) or None, name=logger_cfg.name or run_name, mode=logger_cfg.mode,
                      dir=str(run_dir), id=run_id, resume="allow", config=config, settings=settings)

@@ -18,7 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ftcluster.attention import register_s2_attention
 from ftcluster.config import JobConfig, ModelConfig
+from ftcluster.longlora import S2_ATTN, apply_s2_group_size, apply_trainable_modules
+from ftcluster.rope import apply_rope_scaling
 
 IGNORE_INDEX = -100
 
@@ -38,13 +41,22 @@ def build_hf_config(cfg: ModelConfig):  # type: ignore[no-untyped-def]
                  rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
                  tie_word_embeddings=cfg.tie_word_embeddings, **extra)
     hf.use_cache = False  # training never needs the KV cache
+    apply_rope_scaling(hf, cfg)  # context extension (model.rope_scaling_*, model.extend_context_to)
     return hf
 
 
 def build_meta_model(cfg: ModelConfig, hf_config) -> nn.Module:  # type: ignore[no-untyped-def]
-    """The Hugging Face causal LM with every parameter on the meta device (no memory)."""
+    """The Hugging Face causal LM with every parameter on the meta device (no memory).
+    Registers S2-Attn first when selected (transformers checks the name at construction), and
+    applies Liger's kernels (module-level class swaps in transformers) when `cfg.liger`."""
     from transformers import AutoModelForCausalLM
 
+    if cfg.attn_implementation == S2_ATTN:
+        register_s2_attention(S2_ATTN)
+    if cfg.liger:
+        from ftcluster.liger import apply_liger_kernels
+
+        apply_liger_kernels(hf_config)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation,
                                                 trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
@@ -66,8 +78,12 @@ def decoder_layers(module: nn.Module, classes: set[str]) -> list[nn.Module]:
 def apply_peft(hf_model: nn.Module, job: JobConfig) -> nn.Module:
     """PEFT is a model transform plus a trainable-parameter filter. Returns the module to train
     (a peft.PeftModel for adapters, the model itself for full fine-tuning). Base weights of an
-    adapter run are frozen (and later stored in the compute dtype)."""
+    adapter run are frozen (and later stored in the compute dtype); `peft.trainable_modules`
+    (LongLoRA+: embeddings, norms) train in full as fp32 master weights. With S2-Attn the group
+    size goes into the HF config here (ftcluster/longlora.py)."""
     p = job.peft
+    if hf_model.config._attn_implementation == S2_ATTN:
+        apply_s2_group_size(hf_model.config, p)
     if p.method == "none":
         for prm in hf_model.parameters():
             prm.requires_grad_(True)
@@ -78,7 +94,9 @@ def apply_peft(hf_model: nn.Module, job: JobConfig) -> nn.Module:
     lcfg = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
     with torch.device("meta"):
-        return get_peft_model(hf_model, lcfg)
+        peft_model = get_peft_model(hf_model, lcfg)
+    apply_trainable_modules(peft_model, list(p.trainable_modules))  # after get_peft_model froze the base
+    return peft_model
 
 
 class CausalLMWithLoss(nn.Module):
@@ -89,13 +107,16 @@ class CausalLMWithLoss(nn.Module):
     of `chunk_size` tokens, each recomputed in backward, so fp32 logits never exist for the whole
     batch (at 128k vocab and 4k tokens that is 2 GiB per sample). Being one module, it is sharded as
     the FSDP root (embeddings, final norm and output head live in the root's parameter group).
+    With `fused_linear_ce` (model.liger) Liger's fused linear cross-entropy does the same job in
+    one kernel family (it too never holds full fp32 logits).
     """
 
-    def __init__(self, *, model: nn.Module, hf_model: nn.Module, chunk_size: int) -> None:
+    def __init__(self, *, model: nn.Module, hf_model: nn.Module, chunk_size: int, fused_linear_ce: bool = False) -> None:
         super().__init__()
         self.model = model  # registered once: peft model or the HF model itself
         self._hf = [hf_model]  # a list so the HF model is not registered twice under another name
         self.chunk_size = chunk_size
+        self.fused_linear_ce = fused_linear_ce  # Liger's fused kernel (GPU, model.liger) instead of the chunks
 
     @property
     def hf_model(self) -> nn.Module:
@@ -107,6 +128,10 @@ class CausalLMWithLoss(nn.Module):
         weight = hf.get_output_embeddings().weight
         h = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1)
+        if self.fused_linear_ce:
+            from ftcluster.liger import fused_linear_ce_sum
+
+            return fused_linear_ce_sum(h, weight, y, ignore_index=IGNORE_INDEX)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, h.shape[0], self.chunk_size):
             hc, yc = h[start:start + self.chunk_size], y[start:start + self.chunk_size]

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -51,8 +52,12 @@ class Progress:
     tokens_seen: int = 0
 
 
-def train(job: JobConfig, run_dir: Path) -> None:
-    """Entry point on every rank (the environment holds RANK/WORLD_SIZE/... from the launcher)."""
+def train(job: JobConfig, run_dir: Path, *, on_log: Callable[[dict], None] | None = None) -> None:
+    """Entry point on every rank (the environment holds RANK/WORLD_SIZE/... from the launcher).
+
+    `on_log` only observes: every rank calls it with each logged step's record (the values written
+    to metrics.jsonl, the same number of calls on every rank). Launchers use it to mirror metrics
+    (the Ray launcher forwards them to `ray.train.report`); train() knows nothing of them."""
     d = init_distributed()
     _setup_logging(run_dir, d)
     if not d.is_main:
@@ -60,12 +65,12 @@ def train(job: JobConfig, run_dir: Path) -> None:
 
         datasets.disable_progress_bars()
     try:
-        _train(job, Path(run_dir), d)
+        _train(job, Path(run_dir), d, on_log=on_log)
     finally:
         shutdown()
 
 
-def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
+def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], None] | None) -> None:
     from ftcluster.data import DistributedBatches, build_dataset, check_enough_samples
 
     torch.manual_seed(job.seed)
@@ -96,7 +101,8 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
     if tcfg.activation_checkpointing:
         # Per decoder layer, before sharding; non-reentrant so frozen inputs need no grad hack.
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = CausalLMWithLoss(model=trained, hf_model=hf_model, chunk_size=tcfg.loss_chunk_size)
+    module = CausalLMWithLoss(model=trained, hf_model=hf_model, chunk_size=tcfg.loss_chunk_size,
+                              fused_linear_ce=job.model.liger)
     counts = count_params(module)
 
     def _materialize(m: torch.nn.Module, device: torch.device) -> None:
@@ -162,9 +168,12 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
         rank_state = {"rng": rng_state(), "data": batches.state_dict()}
         meta = {"tokens_seen": progress.tokens_seen + int(tokens_seen.item()), "data": batches.state_dict(),
                 "logger_run_id": logger_run_id}
+        kill_in_save = _kill_job if job.debug.kill_in_save_at_step == step else None
         secs = ckpt.save(step=step, engine=engine, rank_state=rank_state,
-                         meta=meta, config_yaml=config_yaml)
+                         meta=meta, config_yaml=config_yaml, before_commit=kill_in_save)
         metrics.event("checkpoint", step=step, seconds=round(secs, 3))
+        if job.debug.kill_at_step == step and d.is_main:
+            _kill_job()
 
     # --- the loop ---
     while progress.step < tcfg.max_steps:
@@ -218,6 +227,8 @@ def _train(job: JobConfig, run_dir: Path, d: Dist) -> None:
                 record["mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 record["mem_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
             metrics.step(record)
+            if on_log is not None:
+                on_log(dict(record))
             window = _Window(t0=time.perf_counter(), tokens_at_t0=tok_v)
 
         every = job.checkpoint.every_steps
@@ -248,6 +259,14 @@ def _maybe_inject_failure(job: JobConfig, run_dir: Path, d: Dist, step: int) -> 
         return
     marker.write_text(f"rank {d.rank}\n")
     raise InjectedFailure(f"debug.fail_at_step={step}: injected failure on rank {d.rank}")
+
+
+def _kill_job() -> None:
+    """Test hooks debug.kill_*: SIGKILL our whole process group (launcher and every local rank)."""
+    import signal
+
+    log.info("debug: killing the job's process group with SIGKILL")
+    os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def _embedding_trainable(module: torch.nn.Module) -> bool:
@@ -290,3 +309,6 @@ def _setup_logging(run_dir: Path, d: Dist) -> None:
         root.addHandler(sh)
     root.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes (imported by peft) warns at import on CPUs with AVX512-BF16 that an optional
+    # hub-downloaded kernel package is missing; we never download kernels, so the warning is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

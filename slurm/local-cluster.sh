@@ -66,7 +66,7 @@ install_packages() {
   local rc=0
   {
     # The package lists may be missing on a fresh machine.
-    if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
+    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
       apt-get update -q
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" ||
@@ -87,7 +87,8 @@ start_munge() {
   fi
   chown munge:munge "$MUNGE_KEY"
   chmod 0400 "$MUNGE_KEY"
-  if pid_alive "$MUNGE_PID" munged && munge -n </dev/null | unmunge >/dev/null 2>&1; then
+  # Already answering (ours, or one started by an init script): leave it alone.
+  if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
     return 0
   fi
   log "starting munged"
@@ -108,6 +109,7 @@ write_config() {
   node=$(hostname -s)
   [[ -n $node ]] || die "hostname -s is empty"
   cpus=${LOCAL_SLURM_CPUS:-$(nproc)}
+  [[ $cpus =~ ^[1-9][0-9]*$ ]] || die "bad CPU count '$cpus'"
   mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
   mem_mb=$((mem_kb / 1024))
   # Leave 10% (at least 256 MB) for the OS and the daemons.
@@ -132,14 +134,15 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire is the job-step credential lifetime AND the time a requeued job
-# must wait before it may start again (its BeginTime is set to
-# now + cred_expire + 1). The default, 120 s, makes a requeue cycle take over
-# two minutes; 5 is Slurm's minimum.
+# must wait before it may start again: requeue sets its BeginTime to about
+# now + cred_expire + 1 (Reason=BeginTime while pending). With the default, 120,
+# a requeued job restarted 121 s later here; with 5 (Slurm's minimum), 6-8 s.
 AuthInfo=cred_expire=${cred_expire}
 MpiDefault=none
 
-# Containers: no cgroups, no systemd. linuxproc tracks a job's processes as the
-# descendants of its slurmstepd; task/none does no binding or confinement.
+# Containers: no cgroups, no systemd (so no cgroup.conf is needed either).
+# linuxproc tracks a job's processes as the descendants of its slurmstepd;
+# task/none does no binding or confinement.
 # Caveat (tested): a process whose parent dies is re-parented to init and
 # escapes the job (never signalled or killed by Slurm), so batch scripts must
 # wait for their children. proctrack/pgid (LOCAL_SLURM_PROCTRACK) would catch
@@ -163,9 +166,10 @@ SlurmdDebug=info
 # Debian's default /bin/mail is not installed; avoids an error at every start.
 MailProg=/bin/true
 
-# No slurmdbd: no sacct. Exit codes of finished jobs are read with
-# 'scontrol show job' while the record lives (MinJobAge) or from the jobcomp
-# text file, which keeps one line per finished job forever.
+# No slurmdbd, so plain 'sacct' fails ("Slurm accounting storage is
+# disabled"). Exit codes of finished jobs: 'scontrol show job' while the record
+# lives (MinJobAge), or 'sacct -c' (--completion), which reads the jobcomp text
+# file below: one line per finished run, kept forever.
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
@@ -188,11 +192,12 @@ KillWait=30
 InactiveLimit=0
 
 SchedulerType=sched/backfill
-# The main scheduler runs on events (submit, job end) and otherwise only every
-# sched_interval (default 60 s) -- and reaching a job's BeginTime is not an
-# event. With the defaults a requeued job would wait up to ~60 s after its
-# BeginTime; scan every 2 s instead (backfill every 2 s too). Cheap for a
-# handful of jobs.
+# The schedulers run on events (submit, job end) and otherwise only every
+# sched_interval (main, default 60 s) or bf_interval (backfill, default 30 s);
+# a pending job reaching its BeginTime is not an event. With the defaults a
+# requeued job started 20-25 s after its BeginTime here (26-29 s after the
+# requeue); scan every 2 s instead. Cheap for a handful of jobs.
+# batch_sched_delay=0: schedule batch jobs at submit time, no batching.
 SchedulerParameters=sched_interval=2,bf_interval=2,batch_sched_delay=0
 # Allocate cores, not whole nodes, so several small jobs share the node.
 SelectType=select/cons_tres
@@ -241,11 +246,11 @@ start_daemons() {
   if ! pid_alive "$CTLD_PID" slurmctld; then
     log "starting slurmctld"
     # Daemonises by itself; starts as root, then drops to SlurmUser.
-    /usr/sbin/slurmctld
+    /usr/sbin/slurmctld || { dump_logs; die "slurmctld failed to start"; }
   fi
   if ! pid_alive "$SLURMD_PID" slurmd; then
     log "starting slurmd"
-    /usr/sbin/slurmd
+    /usr/sbin/slurmd || { dump_logs; die "slurmd failed to start"; }
   fi
 }
 
@@ -316,6 +321,14 @@ cmd_stop() {
   stop_daemon "$SLURMD_PID" slurmd
   stop_daemon "$CTLD_PID" slurmctld
   stop_daemon "$MUNGE_PID" munged
+  # Like on a real cluster, running jobs outlive the daemons (their slurmstepd
+  # keeps going) and are picked up again by the next 'start'. Say so.
+  local left
+  # (procps/pgrep is not in minimal images: read /proc directly.)
+  left=$(grep -lx slurmstepd /proc/[0-9]*/comm 2>/dev/null | cut -d/ -f3 | tr '\n' ' ' || true)
+  if [[ -n $left ]]; then
+    log "jobs are still running (slurmstepd pids: $left); 'scancel' them before 'stop' to end them"
+  fi
 }
 
 cmd_status() {

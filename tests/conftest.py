@@ -1,0 +1,58 @@
+"""Shared helpers: run the real CLI in a subprocess and read what a run left behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None,
+            new_session: bool = False) -> subprocess.CompletedProcess:
+    """`python -m ftcluster <args>` as a user would run it (a new process, its own cwd)."""
+    return subprocess.run([sys.executable, "-m", "ftcluster", *args], cwd=cwd, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout, start_new_session=new_session)
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss; a step logged twice (a resumed run re-doing it) keeps the last value."""
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in records(run_dir) if r.get("event") == name]
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    ck = run_dir / "checkpoints"
+    if not ck.is_dir():
+        return []
+    return sorted(int(p.name.split("_")[1]) for p in ck.iterdir()
+                  if p.name.startswith("step_") and (p / "meta.json").is_file())
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,120 @@
+"""Config: every shipped YAML composes and validates; bad values fail naming their key, before any
+process starts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import cli_env, run_cli
+from ftcluster import driver
+from ftcluster.config import ConfigError, JobConfig, conf_dir, register_configs
+
+register_configs()
+
+
+def job(*overrides: str) -> JobConfig:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return driver.to_job(compose("config", overrides=list(overrides)))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def test_default_composes_to_typed_tree() -> None:
+    j = job()
+    assert j.model.path and Path(j.model.path, "config.json").is_file()
+    assert j.launcher.nproc_per_node == "auto" and j.parallel.backend == "fsdp2" and j.peft.method == "none"
+    assert j.run.dir == "runs/default" and j.resume == "auto"
+
+
+@pytest.mark.parametrize("group", ["model", "data", "peft", "parallel", "launcher", "logger"])
+def test_every_shipped_option_composes_and_validates(group: str, tmp_path: Path) -> None:
+    assert options(group), group
+    for opt in options(group):
+        extra = []
+        if group == "model" and opt != "tiny":
+            extra = ["data=synthetic"]  # shape-only models have no tokenizer
+        if group == "model" and opt == "local":
+            extra += ["model.path=" + job().model.path]  # the embedded tiny model's directory
+        if group == "data" and opt == "jsonl":
+            extra = [f"data.path={tmp_path / 'x.jsonl'}"]
+        j = job(f"{group}={opt}", *extra)
+        assert isinstance(j, JobConfig)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-1e-4", "optim.lr"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("train.dtype=fp16", "train.dtype"),
+    ("launcher.nproc_per_node=0", "launcher.nproc_per_node"),
+    ("launcher.nproc_per_node=two", "launcher.nproc_per_node"),
+    ("data.overlength=wrap", "data.overlength"),
+    ("data.format=csv", "data.format"),
+    ("data.max_seq_len=1", "data.max_seq_len"),
+    ("peft.method=lora", None),  # valid
+    ("resume=/nonexistent/step_3", "resume"),
+    ("model.path=meta-llama/Llama-3.1-8B", "model.path"),
+    ("seed=-1", "seed"),
+    ("peft=lora", None),
+])
+def test_bad_values_name_their_key(override: str, key: str | None) -> None:
+    if key is None:
+        job(override)
+        return
+    with pytest.raises(ConfigError) as e:
+        job(override)
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+def test_lora_rank_checked_only_for_adapters() -> None:
+    with pytest.raises(ConfigError, match=r"^peft.rank:"):
+        job("peft=lora", "peft.rank=0")
+    job("peft=none", "peft.rank=0")
+
+
+def test_more_ranks_than_gpus_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mock: this machine has no GPU; pretend it is a host with 2 visible GPUs.
+    monkeypatch.setattr(driver, "visible_gpus", lambda: 2)
+    with pytest.raises(ConfigError, match=r"^launcher.nproc_per_node: 3 ranks but only 2 visible GPUs"):
+        driver.check_environment(job("launcher.nproc_per_node=3"))
+    driver.check_environment(job("launcher.nproc_per_node=2"))
+    assert driver.local_world_size(job().launcher) == 2  # auto = one per GPU
+
+
+def test_auto_is_one_rank_on_cpu() -> None:
+    assert driver.visible_gpus() == 0
+    assert driver.local_world_size(job().launcher) == 1
+
+
+def test_cli_errors_before_any_process(tmp_path: Path) -> None:
+    """Through the real CLI: unknown key, wrong type and bad value exit non-zero naming the key, and
+    no run directory is created (nothing started)."""
+    for override, needle in [("optim.foo=1", "optim.foo"), ("train.grad_accum=x", "train.grad_accum"),
+                             ("optim.lr=0", "optim.lr: must be > 0"), ("checkpoint.keep_last=0", "checkpoint.keep_last")]:
+        p = run_cli("train", override, "run.dir=" + str(tmp_path / "r"), cwd=tmp_path, env=cli_env())
+        assert p.returncode != 0, override
+        assert needle in p.stderr + p.stdout, (override, p.stderr[-2000:])
+        assert not (tmp_path / "r").exists()
+
+
+def test_secret_names_are_redacted() -> None:
+    from ftcluster.config import redact
+
+    out = redact({"logger": {"api_key": "abc", "project": "p"}, "hf_token": "t", "model": {"tokenizer": "/x"}})
+    assert out == {"logger": {"api_key": "<redacted>", "project": "p"}, "hf_token": "<redacted>", "model": {"tokenizer": "/x"}}
+
+
+def test_cli_help_lists_groups_and_subcommands(tmp_path: Path) -> None:
+    p = run_cli("--help", cwd=tmp_path)
+    assert p.returncode == 0 and "train" in p.stdout and "export" in p.stdout
+    p = run_cli("train", "--help", cwd=tmp_path)
+    assert p.returncode == 0
+    for g in ("model:", "data:", "peft:", "parallel:", "launcher:", "logger:"):
+        assert g in p.stdout, p.stdout
