@@ -8,7 +8,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ftcluster.config import ConfigError, JobConfig, LocalLauncherConfig, redact
+from ftcluster.config import ConfigError, JobConfig, LocalLauncherConfig, RayLauncherConfig, redact
 
 
 def to_job(cfg: DictConfig) -> JobConfig:
@@ -51,6 +51,34 @@ def check_environment(job: JobConfig) -> None:
         n = local_world_size(job.launcher)
         if gpus and n > gpus:
             raise ConfigError(f"launcher.nproc_per_node: {n} ranks but only {gpus} visible GPUs on this host")
+    if isinstance(job.launcher, RayLauncherConfig):
+        check_ray_environment(job, job.launcher)
+
+
+def check_ray_environment(job: JobConfig, launcher: RayLauncherConfig) -> None:
+    """launcher=ray: what can be checked before connecting to the cluster (which the launcher
+    does next, resolving `auto` against the cluster's resources)."""
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() in ("0", "false", "no"):
+        raise ConfigError("launcher: 'ray' needs Ray Train V2; unset RAY_TRAIN_V2_ENABLED=0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # read when ray.train is first imported
+    try:
+        import ray
+        import ray.train
+    except ImportError:
+        raise ConfigError("launcher: 'ray' needs Ray Train: pip install 'ray[train]'") from None
+    if not all(hasattr(ray.train, n) for n in ("UserCallback", "WorkerGroupError", "get_context")):
+        raise ConfigError(f"launcher: 'ray' needs Ray Train V2 (ray.train.UserCallback, WorkerGroupError); "
+                          f"ray {ray.__version__} does not have it")
+    if launcher.max_failures != 0 and job.resume != "auto":
+        raise ConfigError(f"resume: {job.resume!r} with launcher.max_failures={launcher.max_failures}: a restarted "
+                          "worker group continues from the newest committed checkpoint in the run dir, which needs "
+                          "resume=auto")
+    if launcher.address == "local" and str(launcher.gpus_per_worker) == "1":
+        n = 1 if launcher.num_workers == "auto" else int(launcher.num_workers)
+        gpus = visible_gpus()
+        if n > gpus:
+            raise ConfigError(f"launcher.num_workers: {n} workers x 1 GPU but this host has {gpus} visible GPUs "
+                              "(launcher.address=local)")
 
 
 def prepare_run_dir(job: JobConfig, cfg: DictConfig) -> Path:

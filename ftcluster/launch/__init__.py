@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftcluster.config import JobConfig, LocalLauncherConfig
+from ftcluster.config import JobConfig, LocalLauncherConfig, RayLauncherConfig
 
 
 def launch(job: JobConfig, run_dir: Path) -> int:
@@ -13,4 +13,8 @@ def launch(job: JobConfig, run_dir: Path) -> int:
         from ftcluster.launch.local import launch_local
 
         return launch_local(job, run_dir)
+    if isinstance(job.launcher, RayLauncherConfig):
+        from ftcluster.launch.ray import launch_ray
+
+        return launch_ray(job, run_dir)
     raise TypeError(f"launcher: unsupported launcher config {type(job.launcher).__name__}")

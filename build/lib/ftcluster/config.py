@@ -1,0 +1,523 @@
+"""The one typed config tree.
+
+Dataclasses here are the schema; YAML files under `conf/` select and fill variants (Hydra groups).
+Hydra composes and type-checks (unknown keys and wrong types fail at compose), `OmegaConf.to_object`
+turns the result into these dataclasses, and `JobConfig.validate()` checks values group by group
+(each group's `validate()`), then cross-field rules, naming the key. (Not `__post_init__`: Hydra
+builds the schema's defaults itself, and a default may be legitimately incomplete until composed.) Nothing here touches a device or a process
+group, so every check runs on the driver before any process starts. The config is never mutated
+after validation: derived facts (world size, accumulation, mesh) live in their own objects.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message starts with the dotted key."""
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        _fail(key, msg)
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "default"
+    """Run name; names the default run directory and the W&B run."""
+    dir: str = "runs/${run.name}"
+    """Run directory (config.yaml, metrics.jsonl, logs/, checkpoints/). Relative paths are taken
+    from the directory `ftcluster` was started in and made absolute once, by the driver."""
+
+    def validate(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/'; got {self.name!r}")
+        _require(bool(self.dir), "run.dir", "must not be empty")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: Optional[str] = None
+    """Local Hugging Face model directory (config.json + *.safetensors). Never a hub id: nothing is downloaded."""
+    init: str = "pretrained"
+    """`pretrained`: load weights from `path`. `random`: initialise from the seed (tests, benchmarks)."""
+    tokenizer: Optional[str] = None
+    """Local tokenizer directory; defaults to `path`."""
+    trust_remote_code: bool = False
+    """Allow a model directory's own Python code to run. Off unless asked."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel registered with transformers (`sdpa`, `eager`, `flash_attention_2`, ...)."""
+    # Shape, used when `path` is unset (random init from a named architecture).
+    arch: str = "llama"
+    """Architecture for shape-only models: `llama` or `qwen2`."""
+    vocab_size: int = 0
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    max_position_embeddings: int = 8192
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    # Context extension (ftcluster/rope.py). Unset: the model's own RoPE parameters are kept.
+    rope_scaling_type: Optional[str] = None
+    """RoPE scaling written into the model config: `linear` (position interpolation, LongLoRA's
+    choice), `dynamic` (dynamic NTK), `yarn`, `llama3`. Unset with `extend_context_to`: the model's
+    own scaling type if it has one of these, else `linear`."""
+    rope_scaling_factor: Optional[float] = None
+    """Context scaling factor (>= 1) relative to the model's original (pre-training) context."""
+    extend_context_to: Optional[int] = None
+    """Target context in tokens: factor = this / the model's original maximum position
+    (`original_max_position_embeddings` if the config has one, else `max_position_embeddings`);
+    `max_position_embeddings` becomes this (kept at the original for `dynamic`, whose scaling
+    starts there)."""
+    rope_beta_fast: float = 32.0
+    """YaRN: rotations above which dimensions are extrapolated (not interpolated)."""
+    rope_beta_slow: float = 1.0
+    """YaRN: rotations below which dimensions are fully interpolated."""
+    rope_attention_factor: Optional[float] = None
+    """YaRN: attention (cos/sin) scale; unset: 0.1 * ln(factor) + 1, as in the paper."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original / low_freq_factor are divided by the factor (Meta's 1)."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original / high_freq_factor are kept (Meta's 4)."""
+    liger: bool = False
+    """Use Liger kernels (pip install liger-kernel; GPU only): RMSNorm, SwiGLU and RoPE Triton
+    kernels in the model, and a fused linear cross-entropy loss instead of the chunked one."""
+
+    def validate(self) -> None:
+        _one_of(self.init, "model.init", ("pretrained", "random"))
+        self._validate_rope()
+        if self.init == "pretrained":
+            _require(self.path is not None, "model.path", "required with model.init=pretrained (a local Hugging Face directory)")
+        if self.path is not None:
+            _require(_looks_local(self.path), "model.path", f"must be a local directory, not a hub id; got {self.path!r}")
+            p = Path(self.path)
+            _require(p.is_dir(), "model.path", f"no such directory: {self.path}")
+            _require((p / "config.json").is_file(), "model.path", f"{self.path} has no config.json (expected a Hugging Face model directory)")
+        else:
+            _one_of(self.arch, "model.arch", ("llama", "qwen2"))
+            for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+                _require(getattr(self, name) > 0, f"model.{name}", "must be > 0 when model.path is unset (shape-only model)")
+            _require(self.hidden_size % self.num_heads == 0, "model.num_heads", "must divide model.hidden_size")
+            _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", "must divide model.num_heads")
+        if self.tokenizer is not None:
+            _require(Path(self.tokenizer).is_dir(), "model.tokenizer", f"no such directory: {self.tokenizer}")
+
+    def _validate_rope(self) -> None:
+        kind, factor, target = self.rope_scaling_type, self.rope_scaling_factor, self.extend_context_to
+        if kind is not None:
+            _one_of(kind, "model.rope_scaling_type", ("linear", "dynamic", "yarn", "llama3"))
+            _require(factor is not None or target is not None, "model.rope_scaling_factor",
+                     f"required with model.rope_scaling_type={kind} (or set model.extend_context_to)")
+        if factor is not None:
+            _require(kind is not None, "model.rope_scaling_type", "required with model.rope_scaling_factor")
+            _require(factor >= 1.0, "model.rope_scaling_factor", f"must be >= 1; got {factor}")
+            _require(target is None, "model.extend_context_to", "set it or model.rope_scaling_factor, not both")
+        _require(self.rope_beta_fast > self.rope_beta_slow > 0, "model.rope_beta_fast",
+                 f"must be > model.rope_beta_slow > 0; got {self.rope_beta_fast}, {self.rope_beta_slow}")
+        _require(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "model.rope_high_freq_factor",
+                 f"must be > model.rope_low_freq_factor > 0; got {self.rope_high_freq_factor}, {self.rope_low_freq_factor}")
+        if target is not None and (self.path is None or (Path(self.path) / "config.json").is_file()):
+            from ftcluster.rope import original_max_positions  # rope.py imports this module
+
+            if self.path is not None:
+                original = original_max_positions(json.loads((Path(self.path) / "config.json").read_text()))
+            else:
+                original = self.max_position_embeddings
+            _require(target > original, "model.extend_context_to",
+                     f"must exceed the model's original context of {original} tokens; got {target}")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or os.path.exists(path)
+
+
+DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "synthetic")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = ""
+    """A JSONL/JSON/Parquet file, a comma-separated list or glob of them, or a local dataset directory
+    (`datasets.save_to_disk` layout or a folder of data files). Unused for `format=synthetic`."""
+    format: str = "messages"
+    """`messages` (chat turns, rendered with the chat template), `prompt_completion`, `alpaca`
+    (instruction/input/output), `text` (every token supervised), `synthetic` (random tokens, benchmarks)."""
+    split: str = "train"
+    max_seq_len: int = 512
+    """Tokens per sample after rendering."""
+    overlength: str = "truncate"
+    """Samples longer than max_seq_len: `truncate` (keep the first max_seq_len tokens), `drop`, `error`."""
+    shuffle: bool = True
+    """Shuffle sample order each epoch (seeded by `seed`)."""
+    chat_template: Optional[str] = None
+    """Jinja chat template overriding the tokenizer's own (required if the tokenizer has none)."""
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    text_field: str = "text"
+    synthetic_samples: int = 4096
+    """Number of random samples for `format=synthetic` (each exactly max_seq_len tokens)."""
+    num_proc: int = 1
+    """Worker processes for tokenisation (datasets.map)."""
+
+    def validate(self) -> None:
+        _one_of(self.format, "data.format", DATA_FORMATS)
+        _one_of(self.overlength, "data.overlength", ("truncate", "drop", "error"))
+        _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2; got {self.max_seq_len}")
+        _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1; got {self.num_proc}")
+        if self.format == "synthetic":
+            _require(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
+        else:
+            _require(bool(self.path), "data.path", f"required for data.format={self.format}")
+
+
+PEFT_METHODS = ("none", "lora", "longlora")
+
+
+@dataclass(kw_only=True)
+class PeftConfig:
+    method: str = "none"
+    """`none` (full fine-tuning), `lora`, or `longlora` (LoRA + `trainable_modules`, normally the
+    embeddings and norms (LongLoRA+); `peft=longlora` also selects S2-Attn,
+    `model.attn_implementation=s2_attn`, used in training only)."""
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    """Module name suffixes that get adapters; `all-linear` means every linear projection of the
+    decoder layers (not the output head)."""
+    trainable_modules: List[str] = field(default_factory=list)
+    """Modules trained in full next to the adapters, as fp32 master weights: each entry matches a
+    module whose dotted name ends with it as whole components (`norm` is the final norm only,
+    `input_layernorm` every layer's). An entry matching nothing is an error."""
+    group_size_ratio: float = 0.25
+    """S2-Attn (`model.attn_implementation=s2_attn`) group size as a fraction of each batch's
+    sequence length (LongLoRA: 1/4), rounded down, at least 2. Any length works: the last group
+    may be shorter. Evaluation and generation use full attention."""
+    group_size: Optional[int] = None
+    """Absolute S2-Attn group size in tokens (>= 2); overrides `group_size_ratio`."""
+
+    def validate(self) -> None:
+        _one_of(self.method, "peft.method", PEFT_METHODS)
+        if self.method != "none":
+            _require(self.rank >= 1, "peft.rank", f"must be >= 1; got {self.rank}")
+            _require(self.alpha > 0, "peft.alpha", f"must be > 0; got {self.alpha}")
+            _require(0.0 <= self.dropout < 1.0, "peft.dropout", f"must be in [0, 1); got {self.dropout}")
+            _require(len(self.target_modules) > 0, "peft.target_modules", "must name at least one module")
+        _require(self.method != "none" or not self.trainable_modules, "peft.trainable_modules",
+                 "only with an adapter method (peft=none trains every parameter already)")
+        _require(all(bool(m) and not m.startswith(".") and not m.endswith(".") for m in self.trainable_modules),
+                 "peft.trainable_modules", f"entries must be module names like embed_tokens; got {self.trainable_modules}")
+        _require(0.0 < self.group_size_ratio <= 1.0, "peft.group_size_ratio", f"must be in (0, 1]; got {self.group_size_ratio}")
+        _require(self.group_size is None or self.group_size >= 2, "peft.group_size",
+                 f"must be >= 2 (the shifted half of the heads moves by group_size // 2); got {self.group_size}")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    backend: str = "fsdp2"
+    """`fsdp2`: torch FSDP2 (`fully_shard` per decoder layer and on the root)."""
+    reduce_dtype: str = "fp32"
+    """Precision of gradient reduction across ranks (`fp32` or `bf16`)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy)."""
+    reshard_after_forward: bool = True
+    """Free unsharded layer weights after forward (ZeRO-3 style). False keeps them until backward
+    (less communication, more memory)."""
+
+    def validate(self) -> None:
+        _one_of(self.backend, "parallel.backend", ("fsdp2",))
+        _one_of(self.reduce_dtype, "parallel.reduce_dtype", ("fp32", "bf16"))
+
+
+@dataclass(kw_only=True)
+class LocalLauncherConfig:
+    kind: str = "local"
+    nproc_per_node: str = "auto"
+    """Ranks on this host: an int, or `auto` (one per visible GPU; 1 on a CPU-only host)."""
+    master_port: int = 0
+    """Rendezvous port on localhost; 0 picks a free one."""
+
+    def validate(self) -> None:
+        _require(self.kind == "local", "launcher.kind", "must be 'local' for this launcher")
+        v = str(self.nproc_per_node)
+        _require(v == "auto" or (v.isdigit() and int(v) >= 1), "launcher.nproc_per_node",
+                 f"must be a positive int or 'auto'; got {v!r}")
+        _require(0 <= self.master_port < 65536, "launcher.master_port", "must be in [0, 65535]")
+
+
+RAY_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(kw_only=True)
+class RayLauncherConfig:
+    kind: str = "ray"
+    address: str = "auto"
+    """Ray cluster to run on: `auto` (the running cluster this host belongs to, or $RAY_ADDRESS),
+    `local` (start a private one-node cluster inside the driver), `host:port` (a cluster's GCS
+    address) or `ray://host:port` (Ray Client)."""
+    num_workers: str = "auto"
+    """Training workers (ranks): an int, or `auto` (every GPU the cluster has now, divided by
+    gpus_per_worker; 1 on a cluster without GPUs)."""
+    gpus_per_worker: str = "auto"
+    """GPUs per worker: 1, 0 (CPU workers, gloo), or `auto` (1 when the cluster has GPUs, 0 when
+    it has none). Each rank drives one device, so more than 1 is refused."""
+    cpus_per_worker: int = 1
+    """Logical CPUs reserved per worker; Ray also sets OMP_NUM_THREADS to it."""
+    placement_strategy: str = "PACK"
+    """How the workers' resource bundles are placed: PACK (as few nodes as possible), SPREAD,
+    STRICT_PACK (one node or fail), STRICT_SPREAD (one worker per node)."""
+    max_failures: int = 0
+    """Worker-group failures (crash, OOM, lost node) to recover from by restarting every worker
+    from the newest committed checkpoint; -1 = unlimited, 0 = fail on the first."""
+    storage_path: Optional[str] = None
+    """Where Ray Train keeps its own run state (a filesystem or URI every node sees). Defaults to
+    the run dir. ftcluster checkpoints always live in <run.dir>/checkpoints."""
+
+    def validate(self) -> None:
+        _require(self.kind == "ray", "launcher.kind", "must be 'ray' for this launcher")
+        a = self.address
+        ok = a in ("auto", "local") or a.startswith("ray://") or re.fullmatch(r"[\w.\-\[\]:]+:\d+", a) is not None
+        _require(ok, "launcher.address", f"must be auto, local, host:port or ray://host:port; got {a!r}")
+        v = str(self.num_workers)
+        _require(v == "auto" or (v.isdigit() and int(v) >= 1), "launcher.num_workers",
+                 f"must be a positive int or 'auto'; got {v!r}")
+        _require(str(self.gpus_per_worker) in ("auto", "0", "1"), "launcher.gpus_per_worker",
+                 f"must be 0, 1 or 'auto' (each rank drives one device; use more workers for more GPUs); "
+                 f"got {self.gpus_per_worker!r}")
+        _require(self.cpus_per_worker >= 0, "launcher.cpus_per_worker", f"must be >= 0; got {self.cpus_per_worker}")
+        _one_of(self.placement_strategy, "launcher.placement_strategy", RAY_PLACEMENT_STRATEGIES)
+        _require(self.max_failures >= -1, "launcher.max_failures", f"must be >= -1 (-1 = unlimited); got {self.max_failures}")
+        if self.storage_path is not None:
+            _require(self.storage_path.startswith("/") or "://" in self.storage_path, "launcher.storage_path",
+                     f"must be an absolute path or a URI (s3://, gs://, ...) every node sees; got {self.storage_path!r}")
+
+
+LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "ray": RayLauncherConfig}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps to train for (the run ends at this step)."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
+    grad_clip: float = 1.0
+    """Max global gradient L2 norm; 0 disables clipping (the norm is still computed and logged)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward instead of storing its activations."""
+    dtype: str = "bf16"
+    """Compute dtype (`bf16` or `fp32`). Master weights and optimizer state stay fp32."""
+    log_every: int = 1
+    """Log (and fetch loss from the device) every N steps."""
+    loss_chunk_size: int = 4096
+    """Tokens per chunk of the output projection + cross-entropy, so fp32 logits never exist for
+    the whole batch at once."""
+
+    def validate(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1; got {self.max_steps}")
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1; got {self.micro_batch_size}")
+        _require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1; got {self.grad_accum}")
+        _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
+        _one_of(self.dtype, "train.dtype", ("bf16", "fp32"))
+        _require(self.log_every >= 1, "train.log_every", f"must be >= 1; got {self.log_every}")
+        _require(self.loss_chunk_size >= 1, "train.loss_chunk_size", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to matrices only (not norms, biases)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to lr over this many steps, then cosine decay to lr x min_lr_ratio at max_steps."""
+    min_lr_ratio: float = 0.1
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0; got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        _require(self.eps > 0, "optim.eps", "must be > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0; got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 50
+    """Save every N steps (and always at the last step); 0 saves only at the end."""
+    keep_last: int = 2
+    """Committed checkpoints to keep (older ones are deleted after a new one commits)."""
+    enabled: bool = True
+    """False: never save (benchmarks). The run cannot be resumed."""
+
+    def validate(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0; got {self.every_steps}")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1; got {self.keep_last}")
+
+
+@dataclass(kw_only=True)
+class LoggerConfig:
+    kind: str = "none"
+    """`none`: metrics.jsonl and the console only. `wandb`: also Weights & Biases."""
+    mode: str = "offline"
+    """W&B mode: `online`, `offline` (local files only, no account needed) or `disabled`."""
+    project: str = "ftcluster"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    name: Optional[str] = None
+    """W&B run name; defaults to run.name."""
+
+    def validate(self) -> None:
+        _one_of(self.kind, "logger.kind", ("none", "wandb"))
+        _one_of(self.mode, "logger.mode", ("online", "offline", "disabled"))
+
+
+@dataclass(kw_only=True)
+class DebugConfig:
+    fail_at_step: int = 0
+    """Test hook: rank `fail_rank` raises once at this step (0 = off). Recorded in the run dir so a
+    restarted run does not raise again."""
+    fail_rank: int = 1
+    nan_at_step: int = 0
+    """Test hook: rank `nan_rank` makes its loss NaN at this step (0 = off)."""
+    nan_rank: int = 0
+    kill_at_step: int = 0
+    """Test hook: right after the checkpoint of this step commits, SIGKILL the job's whole process
+    group (every rank and the launcher), exactly like `kill -9` of the job (0 = off)."""
+    kill_in_save_at_step: int = 0
+    """Test hook: SIGKILL the job while saving this step's checkpoint, after every rank wrote its
+    shards and before the commit (0 = off)."""
+
+    def validate(self) -> None:
+        _require(self.fail_at_step >= 0, "debug.fail_at_step", "must be >= 0")
+        _require(self.nan_at_step >= 0, "debug.nan_at_step", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    """Seeds initial weights, data order and dropout. Same seed, same run, whatever the world size."""
+    resume: str = "auto"
+    """`auto`: continue from the newest committed checkpoint in run.dir if any; `never`: start fresh
+    (fails if run.dir already holds checkpoints); or the path of one checkpoint directory."""
+    model: ModelConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launcher: Any = MISSING
+    """One of the launcher configs (`launcher=local`, ...)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self) -> "JobConfig":
+        """Check every group, then the cross-field rules. Raises ConfigError naming the key."""
+        for group in (self.run, self.model, self.data, self.peft, self.parallel, self.launcher,
+                      self.train, self.optim, self.checkpoint, self.logger, self.debug):
+            group.validate()
+        _require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")
+        if self.resume not in ("auto", "never"):
+            p = Path(self.resume)
+            _require(p.is_dir() and (p / "meta.json").is_file(), "resume",
+                     f"must be auto, never, or a committed checkpoint directory; {self.resume!r} is none of these")
+        if self.data.format != "synthetic":
+            _require(self.model.tokenizer is not None or self.model.path is not None, "model.tokenizer",
+                     "a tokenizer directory is required to tokenise data (or use data.format=synthetic)")
+        _require(self.debug.fail_at_step <= self.train.max_steps, "debug.fail_at_step", "must be <= train.max_steps")
+        return self
+
+
+# --- Hydra registration -------------------------------------------------------------------------
+
+def _asset_path(name: str) -> str:
+    """OmegaConf resolver `${asset:NAME}`: absolute path of a file shipped in ftcluster/assets."""
+    p = ASSETS_DIR / name
+    if not p.exists():
+        raise ConfigError(f"asset {name!r} is not shipped in {ASSETS_DIR}")
+    return str(p)
+
+
+def register_configs() -> None:
+    """Register schemas with Hydra's ConfigStore and our resolvers. Idempotent."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", _asset_path)
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    # Variant schemas are stored outside any group so `--help` does not list them as options;
+    # each variant's YAML starts from its schema (`defaults: [/launcher_local_schema@_here_]`).
+    for name, node in LAUNCHER_SCHEMAS.items():
+        cs.store(name=f"launcher_{name}_schema", node=node)
+
+
+CONF_DIR_ENV = "FTCLUSTER_CONF_DIR"
+
+
+def conf_dir() -> Path:
+    """Directory of the shipped YAML groups: `ftcluster/conf` inside the installed package (mapped
+    from the repo's top-level `conf/`), or the repo's `conf/` when running from a source tree."""
+    if os.environ.get(CONF_DIR_ENV):
+        return Path(os.environ[CONF_DIR_ENV])
+    try:
+        from importlib.resources import files
+
+        p = Path(str(files("ftcluster.conf")))
+        if (p / "config.yaml").is_file():
+            return p
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+# Whole words of a key name: `api_key`, `hf_token`, `WANDB_API_KEY` match; `tokenizer` does not.
+_SECRET_RE = re.compile(r"(^|[_\-.])(key|token|secret|password|passwd|credentials?|auth)s?($|[_\-.])", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_RE.search(name))
+
+
+def redact(obj: Any) -> Any:
+    """Copy of a plain (dict/list) config with values of secret-looking keys replaced."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if is_secret_name(str(k)) and v not in (None, "") else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj

@@ -1,0 +1,85 @@
+"""launcher=local: `nproc_per_node` ranks on this host through torch's elastic launcher API."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from ftcluster.config import JobConfig
+from ftcluster.driver import local_world_size
+
+
+def launch_local(job: JobConfig, run_dir: Path) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nproc = local_world_size(job.launcher)
+    port = job.launcher.master_port
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+        run_id=f"ftcluster-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}",  # port 0: pick a free one
+        max_restarts=0, monitor_interval=0.5,
+        start_method="spawn", local_addr="127.0.0.1",
+    )
+    # Ranks share the host's cores: split them rather than oversubscribe (a user's setting wins).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torch elastic logs each failed rank's traceback at ERROR; we write it to logs/rank<r>.error
+    # and print one line per failed rank instead.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    print(f"ftcluster: {nproc} rank(s) on this host; run dir {run_dir}", flush=True)
+    try:
+        elastic_launch(config, rank_entry)(job, str(run_dir))
+    except ChildFailedError as e:
+        print(f"ftcluster: training failed on {len(e.failures)} rank(s); logs in {run_dir / 'logs'}", file=sys.stderr)
+        for rank, failure in sorted(e.failures.items()):
+            full = _failure_text(failure)
+            (run_dir / "logs" / f"rank{rank}.error").write_text(full + "\n")
+            print(f"  rank {rank}: {_last_line(full)}", file=sys.stderr)
+        return 1
+    print(f"ftcluster: done. metrics {run_dir / 'metrics.jsonl'}, checkpoints {run_dir / 'checkpoints'}", flush=True)
+    return 0
+
+
+def _failure_text(failure) -> str:  # type: ignore[no-untyped-def]
+    """The rank's error with its traceback, from the error file `record` wrote."""
+    msg = failure.message
+    if isinstance(msg, dict):
+        msg = msg.get("message", msg)
+        if isinstance(msg, dict):
+            extra = msg.get("extraInfo", {}).get("py_callstack", "")
+            msg = extra or msg.get("message", str(msg))
+    text = str(msg).strip()
+    if not text or text.startswith("To enable traceback"):
+        text = f"exited with code {failure.exitcode} (signal or crash; see the rank's log)"
+    return text
+
+
+def _last_line(text: str) -> str:
+    """The error itself: the last non-empty line of a traceback."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else text
+
+
+def rank_entry(job: JobConfig, run_dir: str) -> None:
+    """Runs in each spawned rank. Ranks other than 0 write stdout/stderr to their log file only."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        _redirect_output(Path(run_dir) / "logs" / f"rank{rank}.out")
+    from ftcluster.train import train
+
+    record(train)(job, Path(run_dir))
+
+
+def _redirect_output(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)

@@ -1,0 +1,568 @@
+"""launcher=ray: the ranks are Ray Train workers (Ray Train V2 `TorchTrainer`) on a Ray cluster.
+
+    driver (this process)                          every worker (one Ray actor per rank)
+    ---------------------                          -------------------------------------
+    connect to / start Ray; plan workers           Ray has joined the torch process group (gloo|nccl)
+    write <run.dir>/ray_launch_id                  and set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*
+    TorchTrainer(worker_main, {job, run_dir..}) -> pre-flight: gather host/rank/devices/versions,
+      FailureConfig(max_failures)                    all check the same facts, fail naming a worker
+      _FailureRecorder (controller callback)       train(job, run_dir, on_log=reporter)  (as local)
+    fit(); summary, or the failing ranks           reporter thread: ray.train.report(step record)
+
+Ray does the placing, the process group and the restarts; ftcluster does the training and the
+checkpoints. Recovery: when a worker raises, dies or loses its node, Ray Train tears the worker group
+down and starts a new one (up to `max_failures` times); train() there resumes from the newest
+committed checkpoint in <run.dir>/checkpoints (resume=auto). We never hand checkpoints to Ray
+(`ray.train.report` carries metrics only): our checkpoint manager owns commit and retention, and
+Ray's storage_path only holds Ray Train's own bookkeeping. Both must be on a filesystem every node
+sees (checked in pre-flight for the run dir).
+
+The driver ships the resolved, validated JobConfig (a plain dataclass) and the absolute run dir to
+the workers; they never run Hydra. Needs Ray Train V2 (the default since Ray 2.5x).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+
+from ftcluster.config import ConfigError, JobConfig, RayLauncherConfig, is_secret_name
+
+LAUNCH_ID_FILE = "ray_launch_id"
+"""Written by the driver into the run dir; every worker must read the same id (pre-flight)."""
+
+# Environment forwarded from the driver to every worker (a cluster's workers do not inherit the
+# driver's shell). Secret-looking names (WANDB_API_KEY, HF_TOKEN) are never forwarded: Ray shows
+# runtime environments in its dashboard and job records. Put secrets on the nodes themselves.
+FORWARD_ENV_PREFIXES = ("FTCLUSTER_", "HF_", "TRANSFORMERS_", "WANDB_", "NCCL_", "TORCH_", "PYTORCH_", "DS_",
+                        "TOKENIZERS_", "OMP_NUM_THREADS", "CUDA_LAUNCH_BLOCKING")
+
+# Ray Train V2 settings the driver sets (Ray forwards RAY_TRAIN_* to the controller and workers).
+RAY_ENV_DEFAULTS = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray's print patch routes print() through its logger and doubles every line on the console.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray would chdir each worker into its own trial directory; relative paths in the config are
+    # taken from the driver's working directory instead (see _enter_driver_cwd).
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+}
+
+
+class PreflightError(RuntimeError):
+    """The workers disagree on the run, or one cannot run it. The message names the worker."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayPlan:
+    """What launcher=ray resolved against the cluster (derived facts; the config stays as given)."""
+    num_workers: int
+    gpus_per_worker: int
+    cpus_per_worker: int
+    backend: str
+    """torch.distributed backend Ray Train initialises: nccl with GPUs, gloo without."""
+
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        res: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+def plan_workers(cfg: RayLauncherConfig, cluster: dict[str, float]) -> RayPlan:
+    """Resolve the `auto` settings against the cluster's resources (`ray.cluster_resources()`)."""
+    cluster_gpus = int(cluster.get("GPU", 0))
+    gpus = (1 if cluster_gpus > 0 else 0) if cfg.gpus_per_worker == "auto" else int(cfg.gpus_per_worker)
+    if cfg.num_workers == "auto":
+        if gpus:
+            n = cluster_gpus // gpus
+            if n < 1:
+                raise ConfigError("launcher.num_workers: 'auto' found no GPUs in the Ray cluster; set it explicitly "
+                                  "(an autoscaling cluster adds GPU nodes only once they are requested)")
+        else:
+            n = 1
+    else:
+        n = int(cfg.num_workers)
+    return RayPlan(num_workers=n, gpus_per_worker=gpus, cpus_per_worker=cfg.cpus_per_worker,
+                   backend="nccl" if gpus else "gloo")
+
+
+def forwarded_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    return {k: v for k, v in environ.items()
+            if k.startswith(FORWARD_ENV_PREFIXES) and not is_secret_name(k)}
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+def launch_ray(job: JobConfig, run_dir: Path) -> int:
+    cfg: RayLauncherConfig = job.launcher
+    for k, v in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)  # before `ray.train` is imported: it reads the V2 flag then
+    import ray
+
+    started_here = _connect(cfg)
+    try:
+        return _run(job, run_dir, cfg)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _connect(cfg: RayLauncherConfig) -> bool:
+    """Join (or, for address=local, start) a Ray cluster. True if this call started Ray."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():  # an embedding program (a notebook, a test) already connected
+        return False
+    common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if cfg.address == "local":
+        from ftcluster.driver import visible_gpus
+
+        n = 1 if cfg.num_workers == "auto" else int(cfg.num_workers)
+        # Logical resources only: enough for the workers (the Ray Train controller takes 0 CPUs).
+        ray.init(num_cpus=max(1, n * cfg.cpus_per_worker), num_gpus=visible_gpus(), include_dashboard=False, **common)
+    else:
+        ray.init(address=cfg.address, **common)
+    return True
+
+
+def _run(job: JobConfig, run_dir: Path, cfg: RayLauncherConfig) -> int:
+    import ray
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    plan = plan_workers(cfg, ray.cluster_resources())
+    _check_capacity(plan, cfg, ray.cluster_resources())
+    launch_id = uuid.uuid4().hex[:12]
+    (run_dir / LAUNCH_ID_FILE).write_text(launch_id + "\n")
+    storage = cfg.storage_path or str(run_dir)
+    name = "ray" if cfg.storage_path is None else run_dir.name
+    logs = run_dir / "logs"
+    print(f"ftcluster: launcher=ray: {plan.num_workers} worker(s) x ({plan.gpus_per_worker} GPU, "
+          f"{plan.cpus_per_worker} CPU), {plan.backend}, placement {cfg.placement_strategy}, "
+          f"max_failures {cfg.max_failures}; launch {launch_id}\n"
+          f"  run dir     {run_dir}\n  logs        {logs}/rank<r>.log (ranks > 0 also rank<r>.out)\n"
+          f"  metrics     {run_dir / 'metrics.jsonl'} (also reported to Ray Train)\n"
+          f"  checkpoints {run_dir / 'checkpoints'}\n  ray storage {storage.rstrip('/')}/{name}", flush=True)
+
+    log_actor = ray.remote(num_cpus=0)(_LaunchLog).remote()
+    config = {
+        "job": job, "run_dir": str(run_dir), "launch_id": launch_id, "world_size": plan.num_workers,
+        "gpus_per_worker": plan.gpus_per_worker, "driver_cwd": os.getcwd(), "driver_host": socket.gethostname(),
+        "log": log_actor,
+    }
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend=plan.backend),
+        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.gpus_per_worker > 0,
+                                     resources_per_worker=plan.resources_per_worker,
+                                     placement_strategy=cfg.placement_strategy),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[_FailureRecorder(log=log_actor, max_failures=cfg.max_failures)],
+            worker_runtime_env={"env_vars": forwarded_env(os.environ)},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    t0 = time.time()
+    try:
+        trainer.fit()
+    except WorkerGroupError as e:
+        failures = ray.get(log_actor.failures.remote())
+        _report_failure(run_dir, t0, e.worker_failures, restarts=max(0, len(failures) - 1), cfg=cfg)
+        return 1
+    except TrainingFailedError as e:
+        print(f"ftcluster: Ray Train failed: {e}", file=sys.stderr)
+        return 1
+    failures = ray.get(log_actor.failures.remote())
+    _report_success(run_dir, t0, plan, failures)
+    return 0
+
+
+def _check_capacity(plan: RayPlan, cfg: RayLauncherConfig, cluster: dict[str, float]) -> None:
+    need = {"GPU": plan.num_workers * plan.gpus_per_worker, "CPU": plan.num_workers * plan.cpus_per_worker}
+    short = {k: (v, cluster.get(k, 0)) for k, v in need.items() if v > cluster.get(k, 0)}
+    if not short:
+        return
+    text = ", ".join(f"{v:g} {k} needed, {have:g} in the cluster" for k, (v, have) in short.items())
+    if cfg.address == "local":
+        raise ConfigError(f"launcher.num_workers: {text} (launcher.address=local has only this host)")
+    print(f"ftcluster: warning: {text}; Ray Train waits until the autoscaler adds nodes", file=sys.stderr, flush=True)
+
+
+def _report_success(run_dir: Path, t0: float, plan: RayPlan, failures: list[dict]) -> None:
+    last = _last_step_record(run_dir)
+    step = f"step {last['step']}, loss {last['loss']:.4f}" if last else "no step logged"
+    ckpts = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if (p / "meta.json").is_file()),
+                   key=lambda p: int(p.name.split("_")[1])) if (run_dir / "checkpoints").is_dir() else []
+    print(f"ftcluster: done in {time.time() - t0:.1f} s on {plan.num_workers} Ray worker(s), "
+          f"{len(failures)} restart(s): {step}", flush=True)
+    for i, f in enumerate(failures, 1):
+        print(f"  restart {i} after: " + "; ".join(f"rank {r}: {msg}" for r, msg in sorted(f["errors"].items())))
+    print(f"  metrics {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}"
+          f" (newest: {ckpts[-1].name if ckpts else 'none'})\n  logs {run_dir / 'logs'}", flush=True)
+
+
+def _report_failure(run_dir: Path, t0: float, worker_failures: dict[int, BaseException], *, restarts: int,
+                    cfg: RayLauncherConfig) -> None:
+    hosts = _preflight_hosts(run_dir)
+    print(f"ftcluster: training failed on {len(worker_failures)} Ray worker(s) after {time.time() - t0:.1f} s and "
+          f"{restarts} restart(s) (launcher.max_failures={cfg.max_failures}); logs in {run_dir / 'logs'}",
+          file=sys.stderr)
+    for rank, err in sorted(worker_failures.items()):
+        where = f" ({hosts[rank]})" if rank in hosts else ""
+        print(f"  rank {rank}{where}: {_one_line(err)}", file=sys.stderr)
+        err_file = run_dir / "logs" / f"rank{rank}.error"
+        if not err_file.is_file() or err_file.stat().st_mtime < t0:  # the worker could not write it itself
+            err_file.write_text(f"{type(err).__name__}: {err}\n")
+    newest = _last_step_record(run_dir)
+    if newest is not None:
+        print(f"  run the same command again to resume from the newest committed checkpoint in "
+              f"{run_dir / 'checkpoints'}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+def _last_step_record(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in rec:
+            last = rec
+    return last
+
+
+def _preflight_hosts(run_dir: Path) -> dict[int, str]:
+    try:
+        workers = json.loads((run_dir / "logs" / "preflight.json").read_text())["workers"]
+        return {w["rank"]: f"host {w['host']}, pid {w['pid']}" for w in workers}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+class _LaunchLog:
+    """A small actor (num_cpus=0) the controller callback and the workers report to."""
+
+    def __init__(self) -> None:
+        self._failures: list[dict] = []
+
+    def record_failure(self, errors: dict[int, str]) -> int:
+        self._failures.append({"time": time.time(), "errors": errors})
+        return len(self._failures)
+
+    def attempt(self) -> int:
+        """The current attempt number (1 = the first worker group)."""
+        return len(self._failures) + 1
+
+    def failures(self) -> list[dict]:
+        return list(self._failures)
+
+
+class _FailureRecorder(UserCallback):
+    """Runs in the Ray Train controller: records each worker-group failure (whether Ray restarts
+    the group or gives up) and says so on the console, naming the ranks."""
+
+    def __init__(self, *, log: Any, max_failures: int) -> None:
+        self.log = log
+        self.max_failures = max_failures
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        import ray
+
+        errors = {int(r): _one_line(e) for r, e in worker_exceptions.items()}
+        try:
+            n = ray.get(self.log.record_failure.remote(errors))
+        except Exception:  # noqa: BLE001 - bookkeeping must never break Ray's failure handling
+            return
+        retry = self.max_failures < 0 or n <= self.max_failures
+        what = f"restarting the worker group ({n} of {'unlimited' if self.max_failures < 0 else self.max_failures})" \
+            if retry else "no restarts left"
+        print(f"ftcluster: worker group failed: " + "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+              + f"; {what}", flush=True)
+
+
+# --- worker ---------------------------------------------------------------------------------------
+
+def worker_main(config: dict) -> None:
+    """Runs on every Ray Train worker (in Ray's training thread). Ray has already initialised the
+    torch process group and the torch elastic environment variables; train() joins that group."""
+    import ray.train
+
+    job: JobConfig = config["job"]
+    run_dir = Path(config["run_dir"])
+    rank = ray.train.get_context().get_world_rank()
+    _enter_driver_cwd(config["driver_cwd"])
+    attempt = _attempt(config["log"])
+    try:
+        facts = collect_facts(job=job, run_dir=run_dir)
+        everyone = _all_gather(facts)
+        problems = check_preflight(everyone, expected_world=config["world_size"], launch_id=config["launch_id"],
+                                   gpus_per_worker=config["gpus_per_worker"])
+        if problems:
+            raise PreflightError("pre-flight failed:\n  " + "\n  ".join(problems))
+        if rank == 0:
+            _write_preflight(run_dir, everyone, config["launch_id"], attempt)
+        else:
+            # Like launcher=local: rank 0's output reaches the driver's console, the others' go to files.
+            from ftcluster.launch.local import _redirect_output
+
+            _redirect_output(run_dir / "logs" / f"rank{rank}.out")
+        reporter = _RayReporter()
+        from ftcluster.train import train
+
+        train(job, run_dir, on_log=reporter)
+        reporter.close()
+    except BaseException as e:
+        _write_error(run_dir, rank, attempt, e)
+        raise
+
+
+def _enter_driver_cwd(driver_cwd: str) -> None:
+    """Relative paths in the config were validated against the driver's working directory. Use it
+    where this node has it (one host, or a shared filesystem); otherwise stay in the worker's own
+    working directory (with `ray job submit --working-dir`, the same shipped files)."""
+    if os.path.isdir(driver_cwd):
+        os.chdir(driver_cwd)
+
+
+def _attempt(log: Any) -> int:
+    import ray
+
+    try:
+        return int(ray.get(log.attempt.remote(), timeout=60))
+    except Exception:  # noqa: BLE001 - only labels log files
+        return 0
+
+
+def collect_facts(*, job: JobConfig, run_dir: Path) -> dict:
+    """What this worker is and sees, for pre-flight. Touches no GPU memory."""
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    import transformers
+
+    import ftcluster
+
+    ctx = ray.train.get_context()
+    launch_file = run_dir / LAUNCH_ID_FILE
+    gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    return {
+        "rank": ctx.get_world_rank(), "local_rank": ctx.get_local_rank(), "node_rank": ctx.get_node_rank(),
+        "world_size": ctx.get_world_size(),
+        "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
+        "pg_rank": dist.get_rank() if dist.is_initialized() else None,
+        "pg_world_size": dist.get_world_size() if dist.is_initialized() else None,
+        "host": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "ray_gpu_ids": gpu_ids,
+        "cuda_device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "launch_id": launch_file.read_text().strip() if launch_file.is_file() else None,
+        "config_yaml_sha": _sha(run_dir / "config.yaml"),
+        "missing_paths": missing_paths(job),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "ray": ray.__version__, "ftcluster": getattr(ftcluster, "__version__", "?"),
+                     "python": sys.version.split()[0]},
+        "cwd": os.getcwd(),
+    }
+
+
+def _sha(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def missing_paths(job: JobConfig) -> list[str]:
+    """Config paths this worker cannot see (`key: path`)."""
+    out = []
+    for key, value in (("model.path", job.model.path), ("model.tokenizer", job.model.tokenizer)):
+        if value and not os.path.exists(os.path.expanduser(value)):
+            out.append(f"{key}: {value}")
+    if job.data.format != "synthetic" and job.data.path:
+        for item in (p.strip() for p in job.data.path.split(",")):
+            item = os.path.expanduser(item)
+            if item and not (glob.glob(item) if glob.has_magic(item) else os.path.exists(item)):
+                out.append(f"data.path: {item}")
+    return out
+
+
+def _all_gather(facts: dict) -> list[dict]:
+    """Every worker's facts, over the process group Ray set up (a gloo side group under NCCL, so
+    nothing here needs a device)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise PreflightError(f"worker rank {facts['rank']} (host {facts['host']}): Ray Train did not initialise "
+                             "torch.distributed")
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, facts, group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
+    return out
+
+
+def _who(f: dict) -> str:
+    return f"worker rank {f['rank']} (host {f['host']}, ip {f['ip']}, local rank {f['local_rank']}, pid {f['pid']})"
+
+
+def check_preflight(facts: list[dict], *, expected_world: int, launch_id: str, gpus_per_worker: int) -> list[str]:
+    """Problems with the gathered worker facts; each names the worker. Pure: unit-testable, and
+    every worker computes the same answer from the same list, so all fail together."""
+    problems: list[str] = []
+    if len(facts) != expected_world:
+        problems.append(f"{len(facts)} workers joined the process group, the driver planned {expected_world}")
+    ref = facts[0]
+    seen_ranks = set()
+    for f in facts:
+        who = _who(f)
+        env = f["env"]
+        sizes = {f["world_size"], f["pg_world_size"], _int(env.get("WORLD_SIZE"))}
+        if sizes != {expected_world}:
+            problems.append(f"{who}: world size disagrees (ray {f['world_size']}, process group {f['pg_world_size']}, "
+                            f"WORLD_SIZE {env.get('WORLD_SIZE')}; expected {expected_world})")
+        if {f["rank"], f["pg_rank"], _int(env.get("RANK"))} != {f["rank"]}:
+            problems.append(f"{who}: rank disagrees (ray {f['rank']}, process group {f['pg_rank']}, RANK {env.get('RANK')})")
+        if _int(env.get("LOCAL_RANK")) != f["local_rank"]:
+            problems.append(f"{who}: LOCAL_RANK={env.get('LOCAL_RANK')} but Ray's local rank is {f['local_rank']}")
+        if f["rank"] in seen_ranks:
+            problems.append(f"{who}: rank {f['rank']} taken twice")
+        seen_ranks.add(f["rank"])
+        if f["launch_id"] is None:
+            problems.append(f"{who}: cannot see the run dir ({LAUNCH_ID_FILE} written by the driver is missing): "
+                            "run.dir must be on a filesystem shared by the driver and every node")
+        elif f["launch_id"] != launch_id:
+            problems.append(f"{who}: the run dir belongs to another launch ({f['launch_id']}, this is {launch_id}): "
+                            "two drivers on one run dir?")
+        if f["config_yaml_sha"] != ref["config_yaml_sha"]:
+            problems.append(f"{who}: sees a different config.yaml in the run dir than rank 0")
+        for m in f["missing_paths"]:
+            problems.append(f"{who}: cannot see {m} (cwd {f['cwd']}): paths in the config must exist on every node")
+        for name, version in f["versions"].items():
+            if version != ref["versions"].get(name):
+                problems.append(f"{who}: {name} {version}, but rank 0 has {ref['versions'].get(name)}")
+    if gpus_per_worker:
+        problems += _check_gpus(facts)
+    return problems
+
+
+def _check_gpus(facts: list[dict]) -> list[str]:
+    """train() uses cuda:LOCAL_RANK. With Ray Train's default CUDA_VISIBLE_DEVICES sharing, each
+    worker sees all the group's GPUs of its node, so that is a distinct GPU Ray gave the group."""
+    problems = []
+    by_host: dict[str, list[dict]] = {}
+    for f in facts:
+        by_host.setdefault(f["ip"], []).append(f)
+    for host_facts in by_host.values():
+        granted = {g for f in host_facts for g in f["ray_gpu_ids"]}
+        used: dict[str, dict] = {}
+        for f in host_facts:
+            who = _who(f)
+            visible = [v for v in (f["cuda_visible_devices"] or "").split(",") if v]
+            if f["cuda_device_count"] < 1:
+                problems.append(f"{who}: torch sees no CUDA device (CUDA_VISIBLE_DEVICES={f['cuda_visible_devices']!r})")
+                continue
+            if f["local_rank"] >= f["cuda_device_count"]:
+                problems.append(f"{who}: would use cuda:{f['local_rank']} but sees only {f['cuda_device_count']} "
+                                f"device(s) (CUDA_VISIBLE_DEVICES={f['cuda_visible_devices']!r}; keep Ray Train's "
+                                "CUDA_VISIBLE_DEVICES sharing on)")
+                continue
+            if len(visible) > f["local_rank"]:
+                gpu = visible[f["local_rank"]]
+                if granted and gpu not in granted:
+                    problems.append(f"{who}: would use GPU {gpu}, which Ray did not assign to this job on this node "
+                                    f"({sorted(granted)})")
+                if gpu in used:
+                    problems.append(f"{who}: would use GPU {gpu}, as does {_who(used[gpu])}")
+                used[gpu] = f
+    return problems
+
+
+def _int(v: str | None) -> int | None:
+    return int(v) if v is not None and v.lstrip("-").isdigit() else None
+
+
+def _write_preflight(run_dir: Path, facts: list[dict], launch_id: str, attempt: int) -> None:
+    keep = ("rank", "local_rank", "node_rank", "host", "ip", "pid", "cuda_visible_devices", "ray_gpu_ids")
+    workers = [{k: f[k] for k in keep} for f in facts]
+    record = {"launch_id": launch_id, "attempt": attempt, "world_size": len(facts), "time": time.time(),
+              "versions": facts[0]["versions"], "workers": workers}
+    (run_dir / "logs" / "preflight.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = [f"pre-flight ok (launch {launch_id}, attempt {attempt}): {len(facts)} workers agree on the run dir, "
+             f"world size, config and versions"]
+    for f in facts:
+        dev = f"GPU {f['ray_gpu_ids']} (CUDA_VISIBLE_DEVICES={f['cuda_visible_devices']})" if f["ray_gpu_ids"] else "cpu"
+        lines.append(f"  rank {f['rank']}: host {f['host']} ({f['ip']}), node {f['node_rank']}, "
+                     f"local rank {f['local_rank']}, pid {f['pid']}, {dev}")
+    print("\n".join(lines), flush=True)
+
+
+def _write_error(run_dir: Path, rank: int, attempt: int, err: BaseException) -> None:
+    """logs/rank<r>.error: this rank's traceback (the driver prints its last line)."""
+    try:
+        path = run_dir / "logs" / f"rank{rank}.error"
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        with open(path, "a") as f:
+            f.write(f"--- attempt {attempt}, host {socket.gethostname()}, pid {os.getpid()}, {time.ctime()}\n{text}")
+    except OSError:
+        pass
+
+
+class _RayReporter:
+    """train()'s `on_log` observer under Ray: forwards each logged step record to
+    `ray.train.report` (metrics only, no checkpoint) from a background thread. Ray Train V2's report
+    is a barrier across all workers; train() calls the observer on every rank with the same records,
+    so every rank reports equally often, and the thread keeps that barrier off the training step."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ftcluster-ray-report", daemon=True)
+        self._thread.start()
+
+    def __call__(self, record: dict) -> None:
+        self._queue.put(record)
+
+    def _run(self) -> None:
+        import ray.train
+
+        while True:
+            record = self._queue.get()
+            if record is None:
+                return
+            if self._error is None:
+                try:
+                    ray.train.report(metrics=record)
+                except Exception as e:  # noqa: BLE001 - metrics mirroring must not kill training
+                    self._error = e
+                    print(f"ftcluster: ray.train.report failed, no more metrics go to Ray: {e}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Report what is queued (the other ranks do the same), then stop."""
+        self._queue.put(None)
+        self._thread.join()

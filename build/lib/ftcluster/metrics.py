@@ -1,0 +1,90 @@
+"""What a run reports: metrics.jsonl, the console progress bar, Weights & Biases. Rank 0 only.
+
+Numbers (DESIGN.md): tokens/s counts real (non-pad) input tokens. MFU divides achieved model FLOPs
+by 989e12 per GPU (H100/H200 dense bf16). Model FLOPs per token: full fine-tuning
+6*N + 12*L*d*S; adapters 4*N_frozen + 6*N_trainable + 12*L*d*S, with N excluding the input
+embedding table and S the attended span (the padded sequence length of the batch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+PEAK_FLOPS_PER_GPU = 989e12
+
+
+def flops_per_token(*, n_frozen: int, n_trainable: int, n_layers: int, hidden: int, attn_span: int) -> float:
+    """Model FLOPs per token (forward + backward), embedding table excluded by the caller."""
+    return 4 * n_frozen + 6 * n_trainable + 12 * n_layers * hidden * attn_span
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step (and per event) to <run.dir>/metrics.jsonl, drives a
+    rich progress bar, and mirrors step metrics to W&B when configured. No-op on ranks other than 0."""
+
+    def __init__(self, *, run_dir: Path, enabled: bool, start_step: int, max_steps: int,
+                 wandb_run: Any = None) -> None:
+        self.enabled = enabled
+        self.wandb_run = wandb_run
+        self.path = run_dir / "metrics.jsonl"
+        self._progress = None
+        self._task = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=False)
+        self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                  TimeRemainingColumn(), console=self.console, transient=False,
+                                  disable=not self.console.is_terminal)
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=max_steps, completed=start_step, status="")
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
+        status = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], status=status)
+        if not self.console.is_terminal:  # logs, Slurm output files: one plain line per logged step
+            print(f"step {record['step']}: {status} grad_norm {record['grad_norm']:.3f}", flush=True)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def event(self, name: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"event": name, **fields, "time": time.time()}
+        self._write(record)
+        self.console.log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(*, run_dir: Path, logger_cfg, run_name: str, run_id: str | None, config: dict):  # type: ignore[no-untyped-def]
+    """Start or continue (same id) a W&B run. `config` must already be redacted. Returns (run, id)."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run_id = run_id or secrets.token_hex(4)
+    # No code or git capture and no console capture: only the redacted config and our metrics leave.
+    settings = wandb.Settings(save_code=False, disable_git=True, console="off")
+    run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
+                     tags=list(logger_cfg.tags) or None, name=logger_cfg.name or run_name, mode=logger_cfg.mode,
+                     dir=str(run_dir), id=run_id, resume="allow", config=config, settings=settings)
+    return run, run_id

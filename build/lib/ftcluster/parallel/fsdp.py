@@ -1,0 +1,85 @@
+"""FSDP2 backend: `fully_shard` on every decoder layer, then on the root module.
+
+Mixed precision: parameters are stored sharded in fp32 (trainable) or in the compute dtype
+(frozen base weights of an adapter run: they never receive an update, so an fp32 copy would only
+cost memory), gathered in the compute dtype for forward/backward, and gradients are reduced in
+`parallel.reduce_dtype` (fp32 by default) into fp32 sharded gradients that the optimizer updates.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from ftcluster.config import JobConfig
+from ftcluster.distributed import Dist
+from ftcluster.optim import build_optimizer, set_lr
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class FSDP2Engine:
+    def __init__(self, module: nn.Module, *, job: JobConfig, dist: Dist, materialize, layer_classes: set[str]) -> None:  # type: ignore[no-untyped-def]
+        self.dist = dist
+        compute = DTYPES[job.train.dtype]
+        # Frozen weights are stored in the compute dtype before sharding (see module docstring).
+        for p in module.parameters():
+            if not p.requires_grad and p.dtype != compute:
+                p.data = p.data.to(compute)
+        mesh = init_device_mesh(dist.device_type, (dist.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=compute if compute != torch.float32 else None,
+                                  reduce_dtype=DTYPES[job.parallel.reduce_dtype])
+        offload = CPUOffloadPolicy() if job.parallel.cpu_offload else None
+        kw = {"mesh": mesh, "mp_policy": mp, **({"offload_policy": offload} if offload else {})}
+        layers = [m for m in module.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ValueError(f"no decoder layers of classes {sorted(layer_classes)} found to shard")
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=job.parallel.reshard_after_forward, **kw)
+        fully_shard(module, **kw)
+        self.module = module
+        # Shards are allocated only now, each rank its own; with CPU offload they live in host memory.
+        materialize(module, torch.device("cpu") if offload is not None else dist.device)
+        self.optimizer = build_optimizer(module, cfg=job.optim)
+        self._params = [p for p in module.parameters() if p.requires_grad]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids, labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        limit = max_norm if max_norm > 0 else float("inf")  # inf: compute the norm, scale by 1
+        norm = torch.nn.utils.clip_grad_norm_(self._params, limit, foreach=True)
+        if hasattr(norm, "full_tensor"):  # a replicated DTensor across the mesh
+            norm = norm.full_tensor()
+        return norm
+
+    def step(self, *, lr: float, skip: torch.Tensor) -> None:
+        set_lr(self.optimizer, lr)
+        # The fused AdamW kernel reads `found_inf` and leaves parameters, moments and its step
+        # counter untouched when it is non-zero: the skip is decided on the device, no host sync.
+        self.optimizer.found_inf = skip.to(torch.float32)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+
+    def load_state(self, directory: Path) -> None:
+        # torch.distributed.checkpoint reshards: each rank reads the pieces of its current shards.
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
