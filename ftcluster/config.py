@@ -236,21 +236,72 @@ class PeftConfig:
                  f"must be >= 2 (the shifted half of the heads moves by group_size // 2); got {self.group_size}")
 
 
+PARALLEL_BACKENDS = ("fsdp2", "zero1", "zero2", "zero3")
+ZERO_BACKENDS = ("zero1", "zero2", "zero3")
+
+
 @dataclass(kw_only=True)
 class ParallelConfig:
     backend: str = "fsdp2"
-    """`fsdp2`: torch FSDP2 (`fully_shard` per decoder layer and on the root)."""
+    """`fsdp2`: torch FSDP2 (`fully_shard` per decoder layer and on the root). `zero1`, `zero2`,
+    `zero3`: DeepSpeed ZeRO stage 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
     reduce_dtype: str = "fp32"
     """Precision of gradient reduction across ranks (`fp32` or `bf16`)."""
     cpu_offload: bool = False
-    """Keep sharded parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy)."""
+    """Keep state in host memory. fsdp2: sharded parameters, gradients and optimizer state
+    (CPUOffloadPolicy). zero1/zero2: optimizer state, fp32 master weights and gradients
+    (ZeRO-Offload). zero3: those and the parameters."""
     reshard_after_forward: bool = True
-    """Free unsharded layer weights after forward (ZeRO-3 style). False keeps them until backward
-    (less communication, more memory)."""
+    """fsdp2: free unsharded layer weights after forward (ZeRO-3 style). False keeps them until
+    backward (less communication, more memory)."""
+    # --- DeepSpeed ZeRO (zero* backends; ignored by fsdp2) -----------------------------------
+    zero_optimizer: str = "torch"
+    """Optimizer implementation under ZeRO: `torch` (torch.optim.AdamW, fused kernel; nothing to
+    compile, the same update as fsdp2) or `deepspeed` (DeepSpeed's FusedAdam, or DeepSpeedCPUAdam
+    with cpu_offload; JIT-compiled C++/CUDA ops that need a compiler and, on GPU, a valid
+    TORCH_CUDA_ARCH_LIST)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction (and zero3 parameter gathering) with compute."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient-reduction bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """zero1/zero2: elements per all-gather of updated parameters after the optimizer step."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """zero3: elements of parameters gathered ahead of the layer that needs them."""
+    stage3_param_persistence_threshold: int = 100_000
+    """zero3: parameters with fewer elements stay gathered for the whole step (norms, biases)."""
+    stage3_max_live_parameters: int = 1_000_000_000
+    """zero3: most gathered parameter elements alive at once per rank."""
+    stage3_max_reuse_distance: int = 1_000_000_000
+    """zero3: keep a gathered parameter if it is used again within this many elements."""
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
+    """Further DeepSpeed config keys, merged recursively over the config ftcluster generates and
+    checked by DeepSpeed's own config model when the job is validated (before any process starts).
+    Keys ftcluster owns (batch sizes, accumulation, clipping, precision, ZeRO stage and offload,
+    optimizer, scheduler) are refused there: set them through their typed fields."""
 
     def validate(self) -> None:
-        _one_of(self.backend, "parallel.backend", ("fsdp2",))
+        _one_of(self.backend, "parallel.backend", PARALLEL_BACKENDS)
         _one_of(self.reduce_dtype, "parallel.reduce_dtype", ("fp32", "bf16"))
+        _one_of(self.zero_optimizer, "parallel.zero_optimizer", ("torch", "deepspeed"))
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                     "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+            _require(getattr(self, name) > 0, f"parallel.{name}", f"must be > 0; got {getattr(self, name)}")
+        _require(self.stage3_param_persistence_threshold >= 0, "parallel.stage3_param_persistence_threshold", "must be >= 0")
+        if self.backend not in ZERO_BACKENDS:
+            _require(not self.deepspeed_overrides, "parallel.deepspeed_overrides",
+                     f"only used by the DeepSpeed backends ({', '.join(ZERO_BACKENDS)}); parallel.backend is {self.backend}")
+
+    def validate_job(self, job: "JobConfig") -> None:
+        """Rules across groups: backend x PEFT method, and (DeepSpeed) the generated config plus
+        parallel.deepspeed_overrides through DeepSpeed's own config model. No process group exists."""
+        if self.backend == "zero3" and job.peft.method == "qlora":
+            _fail("parallel.backend", "QLoRA does not work with DeepSpeed ZeRO-3 (4-bit base weights cannot be "
+                  "partitioned by ZeRO-3); use parallel=fsdp2 for QLoRA")
+        if self.backend in ZERO_BACKENDS:
+            from ftcluster.parallel.deepspeed import check_deepspeed_config
+
+            check_deepspeed_config(job)
 
 
 @dataclass(kw_only=True)
@@ -450,6 +501,7 @@ class JobConfig:
         for group in (self.run, self.model, self.data, self.peft, self.parallel, self.launcher,
                       self.train, self.optim, self.checkpoint, self.logger, self.debug):
             group.validate()
+        self.parallel.validate_job(self)
         _require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")
         if self.resume not in ("auto", "never"):
             p = Path(self.resume)

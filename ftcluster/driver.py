@@ -51,6 +51,9 @@ def check_environment(job: JobConfig) -> None:
         n = local_world_size(job.launcher)
         if gpus and n > gpus:
             raise ConfigError(f"launcher.nproc_per_node: {n} ranks but only {gpus} visible GPUs on this host")
+        if job.parallel.cpu_offload and not gpus:
+            raise ConfigError("parallel.cpu_offload: needs GPUs (FSDP2 offloads from an accelerator; on a CPU-only "
+                              "host the parameters already live in host memory)")
     if isinstance(job.launcher, RayLauncherConfig):
         check_ray_environment(job, job.launcher)
 

@@ -83,3 +83,13 @@ def hf_config_for_export(hf_config, attn_implementation: str = "sdpa"):  # type:
     if getattr(out, "_attn_implementation", None) == S2_ATTN:
         out._attn_implementation = attn_implementation
     return out
+
+
+def attended_span(hf_config, seq_len: int) -> int:  # type: ignore[no-untyped-def]
+    """Keys each query can attend, for the MFU model-FLOPs count (DESIGN.md, S_attn): the S2
+    group size in training with S2-Attn, the sequence length otherwise."""
+    if getattr(hf_config, "_attn_implementation", None) != S2_ATTN:
+        return seq_len
+    from ftcluster.attention import s2_group_size_for
+
+    return min(seq_len, s2_group_size_for(hf_config, seq_len))

@@ -181,16 +181,39 @@ def _init_full(name: str, shape: torch.Size, *, seed: int, std: float, device: t
     return torch.empty(shape, device=device).normal_(0.0, std, generator=g)
 
 
-def _local_slice(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """(local tensor to write, index of the global tensor it holds)."""
+def _local_slice(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...], slice | None]:
+    """(local tensor to write, rectangular block of the global tensor that covers it, and the range
+    of the flattened block the local tensor holds, or None when it holds the whole block)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(param, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        return param.to_local(), tuple(slice(o, o + s) for o, s in zip(offset, shape))
-    return param.data, tuple(slice(0, s) for s in param.shape)
+        return param.to_local(), tuple(slice(o, o + s) for o, s in zip(offset, shape)), None
+    if getattr(param, "ds_tensor", None) is not None:
+        return _zero3_slice(param)
+    return param.data, tuple(slice(0, s) for s in param.shape), None
+
+
+def _zero3_slice(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...], slice | None]:
+    """A DeepSpeed ZeRO-3 parameter: this rank holds `ds_tensor`, elements [start, end) of the
+    flattened tensor (the last rank's partition is zero-padded). Read only the rows covering it."""
+    import torch.distributed as dist
+
+    part = param.ds_tensor.ds_numel
+    start = part * dist.get_rank(group=param.ds_process_group)
+    end = min(start + part, param.ds_numel)
+    local = param.ds_tensor.view(-1)
+    local.zero_()  # the padding of the last partition
+    if start >= end:
+        return local[:0], (), None
+    shape = tuple(param.ds_shape)
+    row = 1
+    for s in shape[1:]:
+        row *= s
+    r0, r1 = start // row, -(-end // row)
+    return local[: end - start], (slice(r0, r1),), slice(start - r0 * row, end - r0 * row)
 
 
 @torch.no_grad()
@@ -204,17 +227,20 @@ def materialize(module: CausalLMWithLoss, *, cfg: ModelConfig, seed: int, device
     reader = SafetensorsSlices(Path(cfg.path)) if cfg.init == "pretrained" else None
     loaded = initialised = 0
     for name, param in module.named_parameters():
-        local, index = _local_slice(param)
+        local, index, flat = _local_slice(param)
         if local.numel() == 0:
             continue
         key = hf_key(name)
         if reader is not None and not is_adapter_param(name):
             src = reader.read(key, index, tied_fallback=_tied_source(key, hf_config))
+            src = src if flat is None else src.reshape(-1)[flat]
             local.copy_(src.to(device=device, dtype=local.dtype))
             loaded += 1
         else:
-            full = _init_full(name, param.shape, seed=seed, std=std, device=device)
-            local.copy_(full[index].to(local.dtype))
+            shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 parameter's own shape is empty
+            full = _init_full(name, shape, seed=seed, std=std, device=device)
+            src = full[index] if flat is None else full[index].reshape(-1)[flat]
+            local.copy_(src.to(local.dtype))
             initialised += 1
     _reset_buffers(module, device)
     return {"loaded": loaded, "initialised": initialised}

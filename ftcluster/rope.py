@@ -95,4 +95,6 @@ def apply_rope_scaling(hf_config, cfg: ModelConfig) -> None:  # type: ignore[no-
                                                                 hf_config.original_max_position_embeddings)
     hf_config.rope_parameters = params
     hf_config.max_position_embeddings = max_positions
-    hf_config.validate_rope()
+    validate = getattr(hf_config, "validate_rope", None)  # transformers' own key checks (5.x)
+    if validate is not None:
+        validate()

@@ -21,6 +21,7 @@ from ftcluster.checkpoint import CheckpointManager, rng_state, set_rng_state
 from ftcluster.config import JobConfig
 from ftcluster.distributed import Dist, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from ftcluster.metrics import PEAK_FLOPS_PER_GPU, MetricsLogger, flops_per_token, start_wandb
+from ftcluster.longlora import attended_span
 from ftcluster.model import (IGNORE_INDEX, CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model,
                              count_params, decoder_layer_classes, materialize)
 from ftcluster.optim import lr_at
@@ -206,15 +207,16 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
         progress.step = step
         window.steps += 1
         window.fpt_sum += flops_per_token(n_frozen=n_frozen, n_trainable=n_train, n_layers=n_layers,
-                                          hidden=hidden, attn_span=span)
+                                          hidden=hidden, attn_span=attended_span(hf_config, span))
 
         _maybe_inject_failure(job, run_dir, d, step)
 
         last = step == tcfg.max_steps
         if step % tcfg.log_every == 0 or last:
-            loss_v, gnorm_v, bad_v, tok_v = torch.stack([global_loss.double(), grad_norm.double(), bad.double(),
-                                                         tokens_seen]).tolist()
-            if bad_v or bool(pending_bad.item()):
+            # The one host sync of a logged step: everything the log needs, in one copy.
+            loss_v, gnorm_v, bad_v, tok_v = torch.stack([global_loss.double(), grad_norm.double(),
+                                                         pending_bad.double(), tokens_seen]).tolist()
+            if bad_v:
                 _check_finite(pending_bad, step, loss=loss_v, grad_norm=gnorm_v)
             elapsed = max(time.perf_counter() - window.t0, 1e-9)
             tps = (tok_v - window.tokens_at_t0) / elapsed  # real (non-pad) tokens, all ranks

@@ -88,6 +88,11 @@ def test_more_ranks_than_gpus_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     assert driver.local_world_size(job().launcher) == 2  # auto = one per GPU
 
 
+def test_cpu_offload_needs_gpus() -> None:
+    with pytest.raises(ConfigError, match=r"^parallel.cpu_offload: needs GPUs"):
+        driver.check_environment(job("parallel.cpu_offload=true"))
+
+
 def test_auto_is_one_rank_on_cpu() -> None:
     assert driver.visible_gpus() == 0
     assert driver.local_world_size(job().launcher) == 1

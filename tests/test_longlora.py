@@ -170,6 +170,16 @@ def test_eval_uses_full_attention_train_uses_s2() -> None:
         torch.testing.assert_close(whole.hf_model(ids).logits, b, rtol=1e-5, atol=1e-5)
 
 
+def test_mfu_counts_the_group_as_attended_span() -> None:
+    from ftcluster.longlora import attended_span
+
+    s2 = build(job("peft=longlora")).hf_model.config
+    assert attended_span(s2, 4096) == 1024 and attended_span(s2, 7) == 2
+    assert attended_span(build(job("peft=longlora", "peft.group_size=512")).hf_model.config, 4096) == 512
+    assert attended_span(build(job("peft=longlora", "peft.group_size=512")).hf_model.config, 100) == 100
+    assert attended_span(build(job("peft=lora")).hf_model.config, 4096) == 4096
+
+
 def test_export_config_has_full_attention_and_no_s2_keys(tmp_path: Path) -> None:
     from transformers import AutoConfig
 

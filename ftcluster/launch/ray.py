@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import queue
 import socket
@@ -123,8 +124,6 @@ def launch_ray(job: JobConfig, run_dir: Path) -> int:
 
 def _connect(cfg: RayLauncherConfig) -> bool:
     """Join (or, for address=local, start) a Ray cluster. True if this call started Ray."""
-    import logging
-
     import ray
 
     if ray.is_initialized():  # an embedding program (a notebook, a test) already connected
@@ -318,6 +317,8 @@ def worker_main(config: dict) -> None:
     job: JobConfig = config["job"]
     run_dir = Path(config["run_dir"])
     rank = ray.train.get_context().get_world_rank()
+    # Ray Train logs every report at INFO on the console, ignoring RunConfig's LoggingConfig there.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     _enter_driver_cwd(config["driver_cwd"])
     attempt = _attempt(config["log"])
     try:

@@ -54,4 +54,8 @@ def parallelize(module: nn.Module, *, job: JobConfig, dist: Dist, materialize: M
         from ftcluster.parallel.fsdp import FSDP2Engine
 
         return FSDP2Engine(module, job=job, dist=dist, materialize=materialize, layer_classes=layer_classes)
+    if job.parallel.backend in ("zero1", "zero2", "zero3"):
+        from ftcluster.parallel.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(module, job=job, dist=dist, materialize=materialize, layer_classes=layer_classes)
     raise ValueError(f"parallel.backend: unknown backend {job.parallel.backend!r}")

@@ -32,6 +32,9 @@ class FSDP2Engine:
         mesh = init_device_mesh(dist.device_type, (dist.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=compute if compute != torch.float32 else None,
                                   reduce_dtype=DTYPES[job.parallel.reduce_dtype])
+        if job.parallel.cpu_offload and dist.device_type == "cpu":
+            raise ValueError("parallel.cpu_offload: needs GPU ranks (FSDP2 offloads from an accelerator; on a "
+                             "CPU-only host the parameters already live in host memory)")
         offload = CPUOffloadPolicy() if job.parallel.cpu_offload else None
         kw = {"mesh": mesh, "mp_policy": mp, **({"offload_policy": offload} if offload else {})}
         layers = [m for m in module.modules() if type(m).__name__ in layer_classes]

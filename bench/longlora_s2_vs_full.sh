@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Issue 6: S2-Attn (peft=longlora, G = N/4) vs full attention (peft=lora, sdpa) on one H200.
+# Llama-3.1-8B shape (model=llama3_8b, random weights), LoRA r=16 on all linear layers, bf16,
+# activation checkpointing, data=synthetic, micro-batch 1, FSDP2 world size 1, no checkpoints.
+#
+#   bash bench/longlora_s2_vs_full.sh [PHASE...]      run from the repo root; results under $OUT
+#
+# Phases (default: compare maxctx-s2 maxctx-full, in that order):
+#   compare      16k / 32k / 64k tokens, both attentions (step time, tokens/s, MFU, peak memory),
+#                + `peer_lora.py lora32k_liger` (plain transformers + peft + Liger) at 32k,
+#                + ours with full attention at 32k without Liger. ~9 min on an H200 (estimate).
+#   maxctx-s2    longest context that trains (one full step) with S2-Attn:  ~5-6 min (estimate).
+#   maxctx-full  the same with full attention: ~10-11 min (estimate; a full step at 160k is ~2.5 min).
+# With a 10-minute limit per command, run one phase per command on the same machine
+# (OUT kept apart per phase, e.g. OUT=$OUT/compare), then `python3 bench/longlora_report.py DIRS...`.
+#
+# Every training run is its own process (an OOM ends that run only). Each phase appends to
+# $OUT/status.tsv; bench/longlora_report.py turns status + metrics into $OUT/longlora_summary.md.
+# Env: LIGER=true|false (Liger RMSNorm/SwiGLU/RoPE + fused linear CE in ours, model.liger; default
+# true when liger_kernel imports), RUN_TIMEOUT (s, per run, default 900), MAXCTX_START (131072),
+# MAXCTX_STEP (32768).
+set -uo pipefail   # no -e: a failed run is a result, not the end of the script
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+REPO=$(pwd)
+RUN_TIMEOUT=${RUN_TIMEOUT:-900}
+MAXCTX_START=${MAXCTX_START:-131072}
+MAXCTX_STEP=${MAXCTX_STEP:-32768}
+PHASES=("$@"); [ ${#PHASES[@]} -eq 0 ] && PHASES=(compare maxctx-s2 maxctx-full)
+
+if [ -z "${LIGER:-}" ]; then
+  if python3 -c "import liger_kernel.transformers" 2>/dev/null; then LIGER=true; else LIGER=false; fi
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
+  echo "LIGER=$LIGER PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
+} | tee -a "$OUT/env.txt"
+
+COMMON=(model=llama3_8b peft.rank=16 peft.alpha=32 data=synthetic data.synthetic_samples=8
+        train.micro_batch_size=1 train.grad_accum=1 train.activation_checkpointing=true train.dtype=bf16
+        train.log_every=1 optim.lr=1e-4 optim.warmup_steps=0 checkpoint.enabled=false logger=none)
+S2=(peft=longlora)                                   # LoRA + embeddings/norms, S2-Attn, G = N/4
+FULL=(peft=lora model.attn_implementation=sdpa)      # LoRA, full causal attention (SDPA / flash)
+
+# run NAME ATTN SEQ STEPS [extra overrides...]: one training process; appends a status line.
+run() {
+  local name=$1 attn=$2 seq=$3 steps=$4; shift 4
+  local method=("${FULL[@]}"); [ "$attn" = s2 ] && method=("${S2[@]}")
+  local ext=(); [ "$seq" -gt 131072 ] && ext=(model.extend_context_to=$seq)  # past llama3_8b's 131072: linear RoPE
+  rm -rf "$OUT/$name"
+  local t0=$SECONDS
+  timeout "$RUN_TIMEOUT" python3 -m ftcluster train "${COMMON[@]}" "${method[@]}" "${ext[@]}" \
+    data.max_seq_len=$seq train.max_steps=$steps model.liger=$LIGER "$@" run.dir="$OUT/$name" \
+    > "$OUT/$name.log" 2>&1
+  local rc=$? status=ok
+  if [ $rc -ne 0 ]; then
+    if grep -q -E "OutOfMemoryError|CUDA out of memory" "$OUT/$name.log"; then status=oom
+    elif [ $rc -eq 124 ]; then status=timeout
+    else status=error; fi
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$attn" "$seq" "$steps" "$status" "$rc" "$((SECONDS - t0))" >> "$OUT/status.tsv"
+  echo "== $name ($attn, $seq tokens, $steps steps): $status rc=$rc in $((SECONDS - t0)) s"
+  [ "$status" = ok ] && grep -E "^step [0-9]+:" "$OUT/$name.log" | tail -2
+  [ "$status" = error ] && tail -20 "$OUT/$name.log"
+  [ "$status" = ok ]
+}
+
+# Longest context (one optimizer step) for ATTN: from MAXCTX_START up (or down) in MAXCTX_STEP
+# steps to the first failure, then one probe half-way between the last success and it.
+maxctx() {
+  local attn=$1 lo=0 hi=0 seq=$MAXCTX_START
+  while [ "$seq" -gt 0 ]; do
+    if run "maxctx_${attn}_$seq" "$attn" "$seq" 1; then
+      lo=$seq; [ $hi -gt 0 ] && break; seq=$((seq + MAXCTX_STEP))
+    else
+      [ "$(tail -1 "$OUT/status.tsv" | cut -f5)" = oom ] || { echo "!! $attn $seq failed without OOM: stopping this search"; break; }
+      hi=$seq; [ $lo -gt 0 ] && break; seq=$((seq - MAXCTX_STEP))
+    fi
+  done
+  if [ $lo -gt 0 ] && [ $hi -gt 0 ] && [ $((hi - lo)) -gt 8192 ]; then
+    local mid=$(( (lo + hi) / 2 / 8192 * 8192 ))
+    run "maxctx_${attn}_$mid" "$attn" "$mid" 1 && lo=$mid || hi=$mid
+  fi
+  printf 'maxctx\t%s\tlongest_ok=%s\tfirst_oom=%s\n' "$attn" "$lo" "$hi" | tee -a "$OUT/maxctx.tsv"
+}
+
+for phase in "${PHASES[@]}"; do
+  case $phase in
+    compare)
+      # The issue's gate first (ours full attention vs the peer at 32k), then the sweep.
+      run full_32k full 32768 4
+      (cd "$OUT" && python3 "$REPO/.peer/peer_lora.py" lora32k_liger) 2>&1 | grep -v -E "^\s*$" | tail -3
+      run s2_32k s2 32768 4
+      run s2_16k s2 16384 5
+      run full_16k full 16384 5
+      run s2_64k s2 65536 3
+      run full_64k full 65536 3
+      [ "$LIGER" = true ] && LIGER=false run full_32k_noliger full 32768 4
+      ;;
+    maxctx-s2) maxctx s2 ;;
+    maxctx-full) maxctx full ;;
+    *) echo "unknown phase $phase (compare | maxctx-s2 | maxctx-full)"; exit 2 ;;
+  esac
+done
+
+python3 bench/summarize.py --skip 1 $(for d in "$OUT"/*/; do [ -f "$d/metrics.jsonl" ] && echo "$d"; done) \
+  $( [ -f "$OUT/peer_lora.jsonl" ] && echo "$OUT/peer_lora.jsonl") > "$OUT/summarize.txt" 2>&1
+python3 bench/longlora_report.py "$OUT" | tee "$OUT/longlora_summary.md"

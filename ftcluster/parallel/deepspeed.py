@@ -1,0 +1,464 @@
+"""DeepSpeed ZeRO backend (`parallel.backend=zero1|zero2|zero3`), behind the same Engine protocol
+as FSDP2: the training loop does not know which one runs.
+
+The DeepSpeed config is generated from the typed config (`build_ds_config`); keys ftcluster owns
+come from their typed fields only, and `parallel.deepspeed_overrides` adds anything else. The
+merged config goes through DeepSpeed's own config model in the driver, before any process starts
+(`check_deepspeed_config`).
+
+Mixed precision, compared with FSDP2 (parallel/fsdp.py):
+  * compute in bf16: both run forward/backward with bf16 copies of the weights; buffers (rotary
+    frequencies) stay fp32 in both.
+  * master weights and optimizer state in fp32: both. DeepSpeed builds its fp32 master copies from
+    the bf16 module, so a weight whose initial value is not representable in bf16 (random init,
+    LoRA A matrices; never a weight loaded from a bf16 checkpoint) starts its fp32 master at the
+    bf16-rounded value, where FSDP2 keeps the exact fp32 value. The step-1 loss is identical
+    (both compute with the same bf16 weights); later steps differ by that rounding only.
+  * gradient reduction in `parallel.reduce_dtype` (fp32 by default): DeepSpeed's
+    `communication_data_type`. Accumulation over micro-batches: fp32 for zero2/zero3
+    (`data_types.grad_accum_dtype`), like FSDP2's fp32 sharded gradients. zero1 accumulates in
+    DeepSpeed's BF16_Optimizer, also in fp32.
+  * frozen weights (LoRA base) are bf16 in both; ZeRO-1/2 keep them replicated on every rank (only
+    ZeRO-3 partitions parameters), FSDP2 shards them.
+
+Loss scaling: the loop scales each micro-batch loss by world_size / global_tokens and expects
+gradients averaged over ranks. DeepSpeed averages over ranks too (gradient_average), but
+`engine.backward` would also divide by gradient_accumulation_steps: we pass
+`scale_wrt_gas=False`, because the loop's token weighting already spans the micro-batches.
+The accumulation boundary is set explicitly on the last micro-batch of each step, so the
+loop's one `step()` per optimizer step is DeepSpeed's boundary step.
+
+Optimizer: `parallel.zero_optimizer=torch` (default) hands DeepSpeed a torch.optim.AdamW with the
+fused kernel as its client optimizer, on GPU and CPU alike: nothing is JIT-compiled at start (no
+nvcc/g++/ninja or arch list needed on the nodes), it is the same update rule and kernel as FSDP2,
+and the fused kernel honours `found_inf`, so a non-finite step is skipped on the device.
+`deepspeed` uses DeepSpeed's FusedAdam (DeepSpeedCPUAdam with cpu_offload); its ops are compiled
+on first use, and a failed build is reported with what to install or set.
+
+Host syncs per step: DeepSpeed itself reads the gradient norm on the host once (ZeRO-3:
+`is_invalid_grad_norm` in its step; ZeRO-1/2: the same check inside its clipping when
+train.grad_clip > 0); with offload the norm and the update run on the host anyway. With
+`zero_optimizer=deepspeed` the skip decision is read on the host once more.
+
+ZeRO-3 construction: the module arrives on the meta device. Parameters are converted to ZeRO-3
+partitions one decoder layer at a time (each layer is allocated in full, uninitialised, then
+partitioned and freed: a rank never holds more than one layer, or the embedding table), then
+`materialize` fills each rank's partition: from the slices of the safetensors files it owns, or
+from the same seeded init rules as FSDP2 (model.py), so the same seed gives the same weights.
+
+Checkpoints: DeepSpeed's own sharded save (`save_checkpoint`, tag `ds`) inside the checkpoint
+manager's temporary directory; frozen weights are not saved (they are rebuilt from the model
+source). Loading at another world size converts the checkpoint to DeepSpeed's universal format
+first (`ds_to_universal`, run once by rank 0 into `<engine dir>/universal`, published by rename)
+and loads that.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from collections.abc import KeysView
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ftcluster.config import ConfigError, JobConfig
+from ftcluster.distributed import Dist, barrier
+from ftcluster.optim import build_optimizer, param_groups, set_lr
+
+log = logging.getLogger("ftcluster")
+
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+TAG = "ds"
+META = "ds_meta.json"
+
+# Keys the typed config owns: an override of one of them is refused, naming the typed field.
+OWNED_KEYS = {
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.dtype", "bfloat16": "train.dtype", "fp16": "train.dtype", "amp": "train.dtype",
+    "torch_autocast": "train.dtype",
+    "communication_data_type": "parallel.reduce_dtype",
+    "optimizer": "optim.* and parallel.zero_optimizer",
+    "scheduler": "optim.* (the loop sets the learning rate every step)",
+    "zero_optimization.stage": "parallel.backend",
+    "zero_optimization.offload_optimizer": "parallel.cpu_offload",
+    "zero_optimization.offload_param": "parallel.cpu_offload",
+    "checkpoint.load_universal": "(set automatically when resuming at another world size)",
+}
+
+
+def build_ds_config(job: JobConfig) -> dict[str, Any]:
+    """The DeepSpeed config for this job, without `deepspeed_overrides`. No train_batch_size: DeepSpeed
+    derives it from micro-batch x accumulation x its world size."""
+    p, t = job.parallel, job.train
+    stage = ZERO_STAGES[p.backend]
+    bf16 = t.dtype == "bf16"
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": p.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": p.reduce_bucket_size,
+        # Plain F.linear, as under FSDP2 (DeepSpeed's replacement changes what autograd saves).
+        "memory_efficient_linear": False,
+    }
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=p.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=p.stage3_param_persistence_threshold,
+                    stage3_max_live_parameters=p.stage3_max_live_parameters,
+                    stage3_max_reuse_distance=p.stage3_max_reuse_distance,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    else:
+        zero["allgather_bucket_size"] = p.allgather_bucket_size
+    if p.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        # The skip of a non-finite step is decided by the loop (Engine.step(skip=...)).
+        "bf16": {"enabled": bf16, "check_grad_overflow": False},
+        "communication_data_type": p.reduce_dtype,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
+        "zero_force_ds_cpu_optimizer": False,  # ... also with offload (the fused CPU kernel)
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if p.zero_optimizer == "deepspeed":
+        o = job.optim
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                                                         "weight_decay": o.weight_decay}}
+    return _merge(cfg, job.parallel.deepspeed_overrides)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _leaf_paths(d: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        yield path
+        if isinstance(v, dict):
+            yield from _leaf_paths(v, path + ".")
+
+
+class _ReadTracker(dict):
+    """A dict that records which keys DeepSpeed looked at: a top-level key it never reads is one it
+    does not know (DeepSpeed ignores unknown top-level keys silently; its sub-models refuse them)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.__dict__["seen"] = set()
+
+    def __getitem__(self, k: Any) -> Any:
+        self.seen.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k: Any, default: Any = None) -> Any:
+        self.seen.add(k)
+        return super().get(k, default)
+
+    def __contains__(self, k: object) -> bool:
+        self.seen.add(k)
+        return super().__contains__(k)
+
+    def keys(self) -> KeysView:  # type: ignore[override]
+        return KeysView(self)  # membership tests go through __contains__
+
+
+def check_deepspeed_config(job: JobConfig) -> None:
+    """Refuse overrides of owned keys, then validate the merged config with DeepSpeed's config model
+    (`deepspeed.runtime.config.DeepSpeedConfig` and its pydantic sub-models). Raises ConfigError
+    naming the key. Runs in the driver: no process group, no device."""
+    root = "parallel.deepspeed_overrides"
+    overrides = job.parallel.deepspeed_overrides
+    for path in _leaf_paths(overrides):
+        if path in OWNED_KEYS:
+            raise ConfigError(f"{root}.{path}: set by ftcluster from {OWNED_KEYS[path]}; use that instead")
+    cfg = build_ds_config(job)
+    with _quiet_deepspeed():
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        tracked = _ReadTracker(cfg)
+        try:
+            DeepSpeedConfig(tracked)
+        except Exception as e:  # noqa: BLE001 - DeepSpeed raises pydantic, ValueError, AssertionError...
+            raise ConfigError(_explain_ds_config_error(e, overrides, root)) from None
+    unknown = sorted(k for k in overrides if k not in tracked.seen)
+    if unknown:
+        raise ConfigError(f"{root}.{unknown[0]}: not a DeepSpeed config key (DeepSpeed {_ds_version()} does not read it)")
+
+
+def _explain_ds_config_error(e: Exception, overrides: dict[str, Any], root: str) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):  # pydantic.ValidationError: the location inside one sub-model
+        first = e.errors()[0]  # type: ignore[attr-defined]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        paths = [p for p in _leaf_paths(overrides) if loc and (p == loc or p.endswith("." + loc))]
+        where = f"{root}.{paths[0]}" if paths else f"{root} ({getattr(e, 'title', 'DeepSpeed config')}.{loc})"
+        return f"{where}: {first.get('msg', str(e))} (DeepSpeed's config model)"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    named = [p for p in _leaf_paths(overrides) if p.split(".")[-1] in msg]
+    where = f"{root}.{named[0]}" if named else root
+    return f"{where}: DeepSpeed rejected the config: {msg}"
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+@contextlib.contextmanager
+def _quiet_deepspeed() -> Iterator[None]:
+    """DeepSpeed logs at INFO to stdout on import and for every config it parses."""
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ds_logger.setLevel(max(level, logging.WARNING))
+
+
+# --- op build failures ----------------------------------------------------------------------------
+
+class OpBuildError(RuntimeError):
+    """A DeepSpeed op had to be compiled and could not be."""
+
+
+@contextlib.contextmanager
+def explain_op_build_failures() -> Iterator[None]:
+    """Turn an exception raised while DeepSpeed JIT-compiles one of its ops (op_builder, torch's
+    cpp_extension) into one line that says what to install or set."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - inspected and re-raised
+        op = _failed_op(e)
+        if op is None:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        raise OpBuildError(
+            f"DeepSpeed could not compile its '{op}' op ({type(e).__name__}: {reason}). Either set "
+            "parallel.zero_optimizer=torch (torch's fused AdamW: nothing to compile), or make the build work: "
+            "install a C++ compiler and ninja (and on GPU the CUDA toolkit's nvcc matching torch's CUDA), and on "
+            f"H100/H200 export TORCH_CUDA_ARCH_LIST=9.0 (currently {arch!r}; '9.0a' breaks DeepSpeed's op builder), "
+            "or pre-build the ops: DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 pip install deepspeed"
+        ) from e
+
+
+def _failed_op(e: BaseException) -> str | None:
+    seen: set[int] = set()
+    exc: BaseException | None = e
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        for frame, _ in traceback.walk_tb(tb):
+            fn = frame.f_code.co_filename.replace("\\", "/")
+            if "/deepspeed/ops/op_builder/" in fn or fn.endswith("torch/utils/cpp_extension.py"):
+                for f, _ in traceback.walk_tb(tb):
+                    name = getattr(f.f_locals.get("self"), "NAME", None)
+                    if isinstance(name, str):
+                        return name
+                return "unknown"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+class DeepSpeedEngine:
+    def __init__(self, module: nn.Module, *, job: JobConfig, dist: Dist, materialize, layer_classes: set[str]) -> None:  # type: ignore[no-untyped-def]
+        with _quiet_deepspeed():
+            import deepspeed
+        self.dist = dist
+        self.job = job
+        self.stage = ZERO_STAGES[job.parallel.backend]
+        self.grad_accum = job.train.grad_accum
+        self._micro = 0
+        self._skip_on_host = False
+        compute = torch.bfloat16 if job.train.dtype == "bf16" else torch.float32
+        ds_config = build_ds_config(job)
+        # Every weight is stored in the compute dtype (cast on meta: free); DeepSpeed's optimizer
+        # keeps fp32 master copies of the trainable ones. Buffers stay fp32.
+        for p in module.parameters():
+            if p.dtype != compute:
+                p.data = p.data.to(compute)
+        if self.stage == 3:
+            with _quiet_deepspeed():
+                _partition_zero3(module, ds_config=ds_config, layer_classes=layer_classes, device=dist.device)
+            # The loss head reads the output projection's weight outside lm_head.forward: gather it
+            # with the root module's forward and backward.
+            deepspeed.zero.register_external_parameter(module, module.hf_model.get_output_embeddings().weight)
+        # ZeRO-1/2: every rank allocates the full bf16 model (it is replicated); ZeRO-3: each rank
+        # fills its own partitions.
+        materialize(module, dist.device)
+
+        client = None
+        model_parameters = None
+        if job.parallel.zero_optimizer == "torch":
+            client = build_optimizer(module, cfg=job.optim)
+        else:
+            model_parameters = param_groups(module, weight_decay=job.optim.weight_decay)
+        with _quiet_deepspeed(), explain_op_build_failures():
+            self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=client, model_parameters=model_parameters,
+                                                    config=ds_config, dist_init_required=False)
+        self.module = module
+        # The optimizer that updates the fp32 partitions (ours, or the one DeepSpeed built).
+        self.inner = client if client is not None else self.ds.optimizer.optimizer
+        if client is None:
+            _guard_step(self.inner, self)
+        log.info("DeepSpeed %s ZeRO-%d (%s): %s", _ds_version(), self.stage, type(self.ds.optimizer).__name__,
+                 type(self.inner).__name__)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._micro += 1
+        # The last micro-batch of the step is DeepSpeed's accumulation boundary (reduction, offload copy).
+        self.ds.set_gradient_accumulation_boundary(self._micro >= self.grad_accum)
+        return self.ds(input_ids, labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already weights tokens across micro-batches: no division by accumulation steps.
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        # DeepSpeed clips inside its step with the norm of the same reduced gradients; computing it
+        # here too costs one pass over this rank's gradient partition and one all-reduce of a scalar.
+        opt = self.ds.optimizer
+        opt.clip_grad = max_norm
+        norm = _global_grad_norm(opt).to(self.dist.device, torch.float32)
+        # DeepSpeed reports an invalid norm as a negative sentinel; the loop tests isfinite.
+        return torch.where(norm < 0, torch.full_like(norm, float("nan")), norm)
+
+    def step(self, *, lr: float, skip: torch.Tensor) -> None:
+        set_lr(self.inner, lr)
+        if isinstance(self.inner, torch.optim.AdamW):
+            self.inner.found_inf = skip.to(torch.float32)  # fused kernel: skipped on the device
+        else:
+            self._skip_on_host = bool(skip)  # the one extra host sync of DeepSpeed's own optimizers
+        self.ds.step()
+        self._micro = 0
+
+    def save_state(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Frozen weights (an adapter run's base model) are rebuilt from the model source on load.
+        self.ds.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False,
+                                exclude_frozen_parameters=True)
+        if self.dist.is_main:
+            (directory / META).write_text(json.dumps({"world_size": self.dist.world_size, "stage": self.stage,
+                                                      "deepspeed": _ds_version()}))
+
+    def load_state(self, directory: Path) -> None:
+        meta_file = directory / META
+        if not meta_file.is_file():
+            raise ValueError(f"resume: {directory.parent} was not written by a DeepSpeed backend (no {META}); "
+                             f"resume it with the parallel.backend that wrote it")
+        meta = json.loads(meta_file.read_text())
+        if meta["stage"] != self.stage:
+            raise ValueError(f"resume: {directory.parent} was written by ZeRO stage {meta['stage']}, this run is "
+                             f"ZeRO-{self.stage}; resume with parallel.backend=zero{meta['stage']}")
+        kwargs = {"load_module_strict": False, "load_optimizer_states": True, "load_lr_scheduler_states": False}
+        if meta["world_size"] == self.dist.world_size:
+            path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, **kwargs)
+        else:
+            universal = _universal_checkpoint(directory, self.dist)
+            self.ds._config.load_universal_checkpoint = True  # read by load_checkpoint only
+            try:
+                path, _ = self.ds.load_checkpoint(str(universal), tag=TAG, **kwargs)
+            finally:
+                self.ds._config.load_universal_checkpoint = False
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+
+def _partition_zero3(module: nn.Module, *, ds_config: dict[str, Any], layer_classes: set[str],
+                     device: torch.device) -> None:
+    """Convert the meta module's parameters to ZeRO-3 partitions, one decoder layer at a time, then
+    what remains (embeddings, final norm, output head). Each group is allocated in full (uninitialised)
+    only while it is partitioned; `materialize` fills the partitions afterwards."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    groups = [m for m in module.modules() if type(m).__name__ in layer_classes] + [module]
+    for group in groups:
+        todo = [p for p in group.parameters() if not is_zero_param(p)]
+        if not todo:
+            continue
+        for p in todo:
+            p.data = torch.empty(p.shape, dtype=p.dtype, device=device)
+        deepspeed.zero.Init(module=group, config_dict_or_path=ds_config)
+
+
+def _global_grad_norm(opt) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """L2 norm of the reduced gradients this step will apply, from DeepSpeed's own helpers (the
+    same numbers its step uses for clipping)."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.utils import combine_grad_norm_groups, get_global_norm_of_tensors
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        norm = combine_grad_norm_groups(opt._get_norm_groups())
+    elif isinstance(opt, DeepSpeedZeroOptimizer):
+        norm = opt.scaled_global_norm()
+    elif isinstance(opt, BF16_Optimizer):
+        grads, _ = opt.get_grads_for_norm()
+        norm = get_global_norm_of_tensors(input_tensors=grads, mpu=opt.mpu, norm_type=opt.norm_type)
+    else:
+        raise TypeError(f"unsupported DeepSpeed optimizer wrapper {type(opt).__name__}")
+    norm = norm if torch.is_tensor(norm) else torch.tensor(float(norm))
+    return norm / float(getattr(opt, "loss_scale", 1.0) or 1.0)
+
+
+def _guard_step(inner: torch.optim.Optimizer, engine: DeepSpeedEngine) -> None:
+    """DeepSpeed's own optimizers do not read `found_inf`: skip their update from the host flag."""
+    original = inner.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if engine._skip_on_host:
+            return None
+        return original(*args, **kwargs)
+
+    inner.step = step  # type: ignore[method-assign]
+
+
+def _universal_checkpoint(directory: Path, d: Dist) -> Path:
+    """`<directory>/universal`: the checkpoint in DeepSpeed's universal (world-size independent)
+    format, converted once by rank 0 and published by an atomic rename; later loads reuse it."""
+    out = directory / "universal"
+    if d.is_main and not (out / TAG).is_dir():
+        tmp = directory / f".universal-tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / TAG),
+               "--output_folder", str(tmp / TAG), "--inject_missing_state", "--num_extract_workers", str(workers),
+               "--num_merge_workers", str(max(1, workers // 2))]
+        log.info("converting %s to DeepSpeed's universal checkpoint format for a new world size", directory)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise RuntimeError(f"converting {directory} to a universal checkpoint failed:\n{tail}")
+        os.rename(tmp, out)
+    barrier()
+    return out
