@@ -55,6 +55,8 @@ def main(dirs: list[Path]) -> None:
         mc = out / "maxctx.tsv"
         maxctx += [x.split("\t") for x in mc.read_text().splitlines() if x.strip()] if mc.is_file() else []
     env = [(d / "env.txt").read_text().strip() for d in dirs if (d / "env.txt").is_file()]
+    kernel = [json.loads(x) for d in dirs if (d / "kernel.jsonl").is_file()
+              for x in (d / "kernel.jsonl").read_text().splitlines() if x.startswith("{")]
     print("# LongLoRA S2-Attn vs full attention, Llama-3.1-8B shape, one GPU\n")
     if env:
         print("```\n" + env[0] + "\n```\n")
@@ -74,10 +76,17 @@ def main(dirs: list[Path]) -> None:
             f, g = ok.get(("full", s)), ok.get(("s2", s))
             if f and g:
                 flop = f["fpt"] / g["fpt"] if f.get("fpt") and g.get("fpt") else None
-                print(f"| {s} | {f['step_s']:.2f} | {g['step_s']:.2f} | {f['step_s'] / g['step_s']:.2f}x | {fmt(flop)}x | "
+                print(f"| {s} | {f['step_s']:.2f} | {g['step_s']:.2f} | {f['step_s'] / g['step_s']:.2f}x | {fmt(flop) + 'x' if flop else '-'} | "
                       f"{f['peak']:.2f} | {g['peak']:.2f} |")
         print("\nS2 runs are peft=longlora: they also train embeddings and norms in fp32 (about 8 GiB more for the "
               "embedding table, its gradient and AdamW state at 8B), so the memory difference is not attention alone.")
+    if kernel:
+        print("\n## Attention alone (fwd + bwd, one layer, flash SDPA), bench/longlora_kernel.py\n")
+        print("| tokens | G | full s | S2 s | speed-up | full peak GiB | S2 peak GiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for k in kernel:
+            print(f"| {k['n']} | {k['group']} | {k.get('full_s')} | {k.get('s2_s')} | {k.get('speedup', '-')} | "
+                  f"{k.get('full_peak_gib', '-')} | {k.get('s2_peak_gib', '-')} |")
     for p in peers:
         print(f"\n## Peer baseline `{p.get('name')}` (plain transformers + peft + Liger)\n")
         if p.get("error"):
@@ -97,7 +106,8 @@ def main(dirs: list[Path]) -> None:
         print("| attention | longest OK (tokens) | first OOM (tokens) |")
         print("| --- | --- | --- |")
         for _, attn, lo, hi in maxctx:
-            print(f"| {attn} | {lo.split('=')[1]} | {hi.split('=')[1] or '-'} |")
+            first = hi.split("=")[1]
+            print(f"| {attn} | {lo.split('=')[1]} | {first if first != '0' else 'none up to MAXCTX_LIMIT'} |")
 
 
 if __name__ == "__main__":

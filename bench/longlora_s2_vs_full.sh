@@ -5,28 +5,38 @@
 #
 #   bash bench/longlora_s2_vs_full.sh [PHASE...]      run from the repo root; results under $OUT
 #
-# Phases (default: compare maxctx-s2 maxctx-full, in that order):
-#   compare      16k / 32k / 64k tokens, both attentions (step time, tokens/s, MFU, peak memory),
-#                + `peer_lora.py lora32k_liger` (plain transformers + peft + Liger) at 32k,
-#                + ours with full attention at 32k without Liger. ~9 min on an H200 (estimate).
-#   maxctx-s2    longest context that trains (one full step) with S2-Attn:  ~5-6 min (estimate).
-#   maxctx-full  the same with full attention: ~10-11 min (estimate; a full step at 160k is ~2.5 min).
-# With a 10-minute limit per command, run one phase per command on the same machine
-# (OUT kept apart per phase, e.g. OUT=$OUT/compare), then `python3 bench/longlora_report.py DIRS...`.
+# Phases (default: all four, in this order; times are estimates for an H200, not readings):
+#   gate         attention alone (bench/longlora_kernel.py: fwd+bwd of one layer, flash SDPA only),
+#                then ours with full attention at 32k, `peer_lora.py lora32k_liger` (transformers +
+#                peft + Liger; the issue's bar: ours must be no slower), S2-Attn at 32k, and ours
+#                with full attention at 32k without Liger.                               ~5 min
+#   sweep        S2-Attn and full attention at 16k and 64k.                              ~5 min
+#   maxctx-s2    longest context that completes one optimizer step with S2-Attn: probes from
+#                MAXCTX_START up (or down) by MAXCTX_STEP to the first OOM, then one probe
+#                half-way.                                                               ~6 min
+#   maxctx-full  the same with full attention; in the same command after maxctx-s2 it starts from
+#                S2's answer (two probes, since activation memory barely depends on the attention);
+#                alone, pass MAXCTX_START=<S2 longest> MAXCTX_STEP=<S2 first OOM - longest>.  ~6-10 min
+# The device allows 10 minutes a command: run one or two phases per command (each command gets
+# a fresh $OUT), keep each command's $OUT, then `python3 bench/longlora_report.py DIR...` over all.
 #
 # Every training run is its own process (an OOM ends that run only). Each phase appends to
 # $OUT/status.tsv; bench/longlora_report.py turns status + metrics into $OUT/longlora_summary.md.
 # Env: LIGER=true|false (Liger RMSNorm/SwiGLU/RoPE + fused linear CE in ours, model.liger; default
 # true when liger_kernel imports), RUN_TIMEOUT (s, per run, default 900), MAXCTX_START (131072),
-# MAXCTX_STEP (32768).
+# MAXCTX_STEP (32768), MAXCTX_LIMIT (1048576, never probe beyond). SMOKE=1: a tiny model and short
+# sequences (a CPU dry run of this script's logic; no numbers of any meaning).
 set -uo pipefail   # no -e: a failed run is a result, not the end of the script
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 REPO=$(pwd)
 RUN_TIMEOUT=${RUN_TIMEOUT:-900}
-MAXCTX_START=${MAXCTX_START:-131072}
-MAXCTX_STEP=${MAXCTX_STEP:-32768}
-PHASES=("$@"); [ ${#PHASES[@]} -eq 0 ] && PHASES=(compare maxctx-s2 maxctx-full)
+K=1024; [ "${SMOKE:-0}" = 1 ] && K=8   # one "k" of tokens; SMOKE=1: "32k" is 256 tokens
+MAXCTX_START_SET=${MAXCTX_START:+1}
+MAXCTX_START=${MAXCTX_START:-$((128 * K))}
+MAXCTX_STEP=${MAXCTX_STEP:-$((32 * K))}
+MAXCTX_LIMIT=${MAXCTX_LIMIT:-1048576}
+PHASES=("$@"); [ ${#PHASES[@]} -eq 0 ] && PHASES=(gate sweep maxctx-s2 maxctx-full)
 
 if [ -z "${LIGER:-}" ]; then
   if python3 -c "import liger_kernel.transformers" 2>/dev/null; then LIGER=true; else LIGER=false; fi
@@ -41,6 +51,11 @@ fi
 COMMON=(model=llama3_8b peft.rank=16 peft.alpha=32 data=synthetic data.synthetic_samples=8
         train.micro_batch_size=1 train.grad_accum=1 train.activation_checkpointing=true train.dtype=bf16
         train.log_every=1 optim.lr=1e-4 optim.warmup_steps=0 checkpoint.enabled=false logger=none)
+if [ "${SMOKE:-0}" = 1 ]; then
+  export TINY=1
+  COMMON+=(model.vocab_size=512 model.hidden_size=64 model.intermediate_size=128 model.num_layers=2
+           model.num_heads=4 model.num_kv_heads=2 model.max_position_embeddings=1024 train.dtype=fp32)
+fi
 S2=(peft=longlora)                                   # LoRA + embeddings/norms, S2-Attn, G = N/4
 FULL=(peft=lora model.attn_implementation=sdpa)      # LoRA, full causal attention (SDPA / flash)
 
@@ -48,7 +63,7 @@ FULL=(peft=lora model.attn_implementation=sdpa)      # LoRA, full causal attenti
 run() {
   local name=$1 attn=$2 seq=$3 steps=$4; shift 4
   local method=("${FULL[@]}"); [ "$attn" = s2 ] && method=("${S2[@]}")
-  local ext=(); [ "$seq" -gt 131072 ] && ext=(model.extend_context_to=$seq)  # past llama3_8b's 131072: linear RoPE
+  local ext=(); [ "$seq" -gt $((128 * K)) ] && ext=(model.extend_context_to=$seq)  # past llama3_8b's 131072: linear RoPE
   rm -rf "$OUT/$name"
   local t0=$SECONDS
   timeout "$RUN_TIMEOUT" python3 -m ftcluster train "${COMMON[@]}" "${method[@]}" "${ext[@]}" \
@@ -56,7 +71,7 @@ run() {
     > "$OUT/$name.log" 2>&1
   local rc=$? status=ok
   if [ $rc -ne 0 ]; then
-    if grep -q -E "OutOfMemoryError|CUDA out of memory" "$OUT/$name.log"; then status=oom
+    if grep -rqs -E "OutOfMemoryError|CUDA out of memory" "$OUT/$name.log" "$OUT/$name/logs"; then status=oom
     elif [ $rc -eq 124 ]; then status=timeout
     else status=error; fi
   fi
@@ -71,7 +86,7 @@ run() {
 # steps to the first failure, then one probe half-way between the last success and it.
 maxctx() {
   local attn=$1 lo=0 hi=0 seq=$MAXCTX_START
-  while [ "$seq" -gt 0 ]; do
+  while [ "$seq" -gt 0 ] && [ "$seq" -le "$MAXCTX_LIMIT" ]; do
     if run "maxctx_${attn}_$seq" "$attn" "$seq" 1; then
       lo=$seq; [ $hi -gt 0 ] && break; seq=$((seq + MAXCTX_STEP))
     else
@@ -79,8 +94,8 @@ maxctx() {
       hi=$seq; [ $lo -gt 0 ] && break; seq=$((seq - MAXCTX_STEP))
     fi
   done
-  if [ $lo -gt 0 ] && [ $hi -gt 0 ] && [ $((hi - lo)) -gt 8192 ]; then
-    local mid=$(( (lo + hi) / 2 / 8192 * 8192 ))
+  if [ $lo -gt 0 ] && [ $hi -gt 0 ] && [ $((hi - lo)) -gt $((16 * K)) ]; then
+    local mid=$(( (lo + hi) / 2 / (8 * K) * (8 * K) ))
     run "maxctx_${attn}_$mid" "$attn" "$mid" 1 && lo=$mid || hi=$mid
   fi
   printf 'maxctx\t%s\tlongest_ok=%s\tfirst_oom=%s\n' "$attn" "$lo" "$hi" | tee -a "$OUT/maxctx.tsv"
@@ -88,20 +103,32 @@ maxctx() {
 
 for phase in "${PHASES[@]}"; do
   case $phase in
-    compare)
-      # The issue's gate first (ours full attention vs the peer at 32k), then the sweep.
-      run full_32k full 32768 4
-      (cd "$OUT" && python3 "$REPO/.peer/peer_lora.py" lora32k_liger) 2>&1 | grep -v -E "^\s*$" | tail -3
-      run s2_32k s2 32768 4
-      run s2_16k s2 16384 5
-      run full_16k full 16384 5
-      run s2_64k s2 65536 3
-      run full_64k full 65536 3
-      [ "$LIGER" = true ] && LIGER=false run full_32k_noliger full 32768 4
+    gate)
+      # Attention alone first (seconds; fails loudly if SDPA cannot use the flash kernel).
+      [ "${SMOKE:-0}" = 1 ] || python3 bench/longlora_kernel.py 16384 32768 65536 2>&1 | tee -a "$OUT/kernel.jsonl"
+      # The issue's gate: ours with full attention vs the peer at 32k; then S2 at 32k.
+      run full_32k full $((32 * K)) 4
+      if [ "${SMOKE:-0}" = 1 ]; then echo "== peer skipped (SMOKE)"
+      else (cd "$OUT" && python3 "$REPO/.peer/peer_lora.py" lora32k_liger) 2>&1 | grep -v -E "^\s*$" | tail -3; fi
+      run s2_32k s2 $((32 * K)) 4
+      [ "$LIGER" = true ] && LIGER=false run full_32k_noliger full $((32 * K)) 4
+      ;;
+    sweep)
+      run s2_16k s2 $((16 * K)) 5
+      run full_16k full $((16 * K)) 5
+      run s2_64k s2 $((64 * K)) 3
+      run full_64k full $((64 * K)) 3
       ;;
     maxctx-s2) maxctx s2 ;;
-    maxctx-full) maxctx full ;;
-    *) echo "unknown phase $phase (compare | maxctx-s2 | maxctx-full)"; exit 2 ;;
+    maxctx-full)
+      # Same command after maxctx-s2: start where S2 stopped (memory hardly depends on the attention).
+      if [ -z "${MAXCTX_START_SET:-}" ] && grep -q "^maxctx	s2	" "$OUT/maxctx.tsv" 2>/dev/null; then
+        lo=$(grep "^maxctx	s2	" "$OUT/maxctx.tsv" | tail -1 | cut -f3 | cut -d= -f2)
+        hi=$(grep "^maxctx	s2	" "$OUT/maxctx.tsv" | tail -1 | cut -f4 | cut -d= -f2)
+        if [ "$lo" -gt 0 ] && [ "$hi" -gt "$lo" ]; then MAXCTX_START=$lo; MAXCTX_STEP=$((hi - lo)); fi
+      fi
+      maxctx full ;;
+    *) echo "unknown phase $phase (gate | sweep | maxctx-s2 | maxctx-full)"; exit 2 ;;
   esac
 done
 

@@ -14,7 +14,8 @@ USAGE = """usage: ftcluster <command> [args]
 commands:
   train     fine-tune a model: ftcluster train [group=option ...] [key=value ...]
             (ftcluster train --help lists the config groups and every key)
-  export    write a checkpoint as a Hugging Face model or PEFT adapter (not yet available)
+  export    write a checkpoint as a Hugging Face PEFT adapter or (--merge) a merged model:
+            ftcluster export <checkpoint dir> <out dir> [--merge] [--dtype bf16] [--max-shard-size 5GB]
 
 Run `ftcluster train` with no arguments to fine-tune the embedded tiny model on the sample data.
 """
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return train_command(rest)
+    if cmd == "export":
+        from ftcluster.export import export_command
+
+        return export_command(rest)
     print(f"ftcluster: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
@@ -42,6 +47,7 @@ def train_command(overrides: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
     def _train(cfg) -> int:  # type: ignore[no-untyped-def]
+        _sweep_point_run_dir(cfg)
         code = drive(cfg)
         result["code"] = max(result["code"], code)
         return code
@@ -54,6 +60,20 @@ def train_command(overrides: list[str]) -> int:
     finally:
         sys.argv = saved
     return result["code"]
+
+
+def _sweep_point_run_dir(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Multirun (`-m`): every sweep point gets its own run dir, `<hydra.sweep.dir>/<hydra.sweep.subdir>`,
+    i.e. `<run.dir>/<n>` (conf/config.yaml), set here before validation. Single runs keep run.dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    cfg.run.dir = hc.runtime.output_dir  # absolute; Hydra has created it
+    print(f"ftcluster: sweep point {hc.job.num} ({' '.join(hc.overrides.task) or 'no overrides'}): "
+          f"run dir {cfg.run.dir}", flush=True)
 
 
 def drive(cfg) -> int:  # type: ignore[no-untyped-def]

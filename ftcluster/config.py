@@ -194,15 +194,17 @@ class DataConfig:
             _require(bool(self.path), "data.path", f"required for data.format={self.format}")
 
 
-PEFT_METHODS = ("none", "lora", "longlora")
+PEFT_METHODS = ("none", "lora", "qlora", "longlora")
 
 
 @dataclass(kw_only=True)
 class PeftConfig:
     method: str = "none"
-    """`none` (full fine-tuning), `lora`, or `longlora` (LoRA + `trainable_modules`, normally the
-    embeddings and norms (LongLoRA+); `peft=longlora` also selects S2-Attn,
-    `model.attn_implementation=s2_attn`, used in training only)."""
+    """`none` (full fine-tuning), `lora`, `qlora` (LoRA over a frozen base quantised to
+    bitsandbytes NF4 with double quantisation, stored sharded by FSDP2, de-quantised to the
+    compute dtype `train.dtype` on the fly; see ftcluster/quant.py), or `longlora` (LoRA +
+    `trainable_modules`, normally the embeddings and norms (LongLoRA+); `peft=longlora` also
+    selects S2-Attn, `model.attn_implementation=s2_attn`, used in training only)."""
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -367,7 +369,129 @@ class RayLauncherConfig:
                      f"must be an absolute path or a URI (s3://, gs://, ...) every node sees; got {self.storage_path!r}")
 
 
-LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "ray": RayLauncherConfig}
+SLURM_MODES = ("ray", "torchrun")
+# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (or no limit).
+_SLURM_TIME_RE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def slurm_time_seconds(value: str) -> Optional[int]:
+    """Seconds in a Slurm --time value; None for UNLIMITED/INFINITE. ValueError if malformed."""
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    m = _SLURM_TIME_RE.fullmatch(value)
+    if not m:
+        raise ValueError(value)
+    days, a, b, c = (int(x) if x is not None else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if b is None:  # minutes
+        return a * 60
+    if c is None:  # MM:SS
+        return a * 60 + b
+    return a * 3600 + b * 60 + c  # HH:MM:SS
+
+
+@dataclass(kw_only=True)
+class SlurmLauncherConfig:
+    """`launcher=slurm`: render an sbatch script (slurm/<mode>.sbatch), submit it, return. Inside the
+    allocation the job runs the saved resolved config with Ray (`mode=ray`) or torch elastic
+    (`mode=torchrun`); see ftcluster/launch/slurm.py."""
+    kind: str = "slurm"
+    mode: str = "ray"
+    """`ray`: a Ray head on the first node, Ray workers on the others (srun), training through the
+    Ray launcher. `torchrun`: srun one torch elastic agent per node, c10d rendezvous on the first."""
+    nodes: int = 1
+    """Nodes to allocate (#SBATCH --nodes)."""
+    gpus_per_node: int = 8
+    """GPUs per node (#SBATCH --gpus-per-node) and ranks per node; 0: CPU nodes, one rank per node."""
+    cpus_per_task: Optional[int] = None
+    """CPUs per node for the one task per node (#SBATCH --cpus-per-task); unset: the partition's default."""
+    mem: Optional[str] = None
+    """Memory per node (#SBATCH --mem), e.g. `480G`; `0` asks for all of it; unset: the partition's default."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: Optional[str] = None
+    """Time limit (#SBATCH --time): minutes, HH:MM:SS or D-HH:MM:SS; unset: the partition's default."""
+    constraint: Optional[str] = None
+    """Node features (#SBATCH --constraint), e.g. `h100&ib`."""
+    exclusive: bool = False
+    """#SBATCH --exclusive: no other job shares the nodes."""
+    job_name: Optional[str] = None
+    """#SBATCH --job-name; unset: `ftc-<run.name>`."""
+    sbatch_extra: list[str] = field(default_factory=list)
+    """More sbatch options, one per entry: `--reservation=big` or `#SBATCH --reservation=big`."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment exported in the job before anything starts (NCCL and network settings), e.g.
+    `+launcher.env.NCCL_SOCKET_IFNAME=ib0`. Secrets do not belong here (they would be written into
+    the script): export them before submitting, sbatch passes the submitting environment on."""
+    setup: str = ""
+    """Shell lines run at the start of the job, e.g. `module load cuda/12.4; source ~/venv/bin/activate`."""
+    python: Optional[str] = None
+    """Python on the compute nodes; unset: the interpreter running `ftcluster` now (or `python3`
+    after a `setup` that activates an environment, if that is what you set here)."""
+    signal_grace_s: int = 300
+    """Slurm sends the job USR1 this many seconds before its time limit (#SBATCH --signal=B:USR1@N):
+    every rank finishes its step, a checkpoint commits and the job requeues itself. 0: no signal."""
+    max_requeues: int = 3
+    """Self-requeues after a preemption signal before the job gives up (counted by SLURM_RESTART_COUNT)."""
+    dry_run: bool = False
+    """Render the script into <run.dir>/slurm/dry-run/ and print it; submit nothing."""
+    rdzv_port: int = 29500
+    """mode=torchrun: c10d rendezvous port on the first node."""
+    ray_port: int = 6379
+    """mode=ray: the Ray head's GCS port on the first node."""
+    ray_wait_s: int = 300
+    """mode=ray: seconds to wait for every node to join the Ray cluster before failing."""
+    ray_max_failures: int = 0
+    """mode=ray: worker-group failures Ray Train recovers from inside one allocation (-1 = unlimited)."""
+
+    def validate(self) -> None:
+        _require(self.kind == "slurm", "launcher.kind", "must be 'slurm' for this launcher")
+        _one_of(self.mode, "launcher.mode", SLURM_MODES)
+        _require(self.nodes >= 1, "launcher.nodes", f"must be >= 1; got {self.nodes}")
+        _require(self.gpus_per_node >= 0, "launcher.gpus_per_node", f"must be >= 0; got {self.gpus_per_node}")
+        _require(self.cpus_per_task is None or self.cpus_per_task >= 1, "launcher.cpus_per_task",
+                 f"must be >= 1; got {self.cpus_per_task}")
+        if self.mem is not None:
+            _require(re.fullmatch(r"\d+[KMGT]?", str(self.mem)) is not None, "launcher.mem",
+                     f"must be a size like 480G, 64000M or 0 (all of a node's memory); got {self.mem!r}")
+        for key in ("partition", "account", "qos", "constraint", "job_name"):
+            v = getattr(self, key)
+            _require(v is None or (v != "" and re.search(r"\s", v) is None), f"launcher.{key}",
+                     f"must be a non-empty value without whitespace; got {v!r}")
+        limit = None
+        if self.time is not None:
+            try:
+                limit = slurm_time_seconds(str(self.time))
+            except ValueError:
+                _fail("launcher.time", f"must be minutes, HH:MM:SS or D-HH:MM:SS; got {self.time!r}")
+        _require(self.signal_grace_s >= 0, "launcher.signal_grace_s", f"must be >= 0; got {self.signal_grace_s}")
+        if limit is not None and self.signal_grace_s:
+            _require(self.signal_grace_s < limit, "launcher.signal_grace_s",
+                     f"{self.signal_grace_s} s is not less than launcher.time ({self.time} = {limit} s): the "
+                     "preemption signal would come as the job starts")
+        _require(self.max_requeues >= 0, "launcher.max_requeues", f"must be >= 0; got {self.max_requeues}")
+        for i, line in enumerate(self.sbatch_extra):
+            opt = line[len("#SBATCH"):].strip() if line.startswith("#SBATCH") else line
+            _require("\n" not in line and opt.startswith("-"), f"launcher.sbatch_extra[{i}]",
+                     f"must be one sbatch option like --reservation=big (or '#SBATCH --reservation=big'); got {line!r}")
+        for name in self.env:
+            _require(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None, f"launcher.env.{name}",
+                     "must be an environment variable name")
+            _require(not is_secret_name(name), f"launcher.env.{name}",
+                     "looks like a secret and would be written into the job script; export it in the shell "
+                     "you submit from instead (sbatch passes your environment to the job)")
+        _require(self.python is None or self.python.startswith("/") or "/" not in self.python, "launcher.python",
+                 f"must be an absolute path or a command name on PATH; got {self.python!r}")
+        for key in ("rdzv_port", "ray_port"):
+            _require(0 < getattr(self, key) < 65536, f"launcher.{key}", "must be in [1, 65535]")
+        _require(self.ray_wait_s >= 1, "launcher.ray_wait_s", f"must be >= 1; got {self.ray_wait_s}")
+        _require(self.ray_max_failures >= -1, "launcher.ray_max_failures", f"must be >= -1; got {self.ray_max_failures}")
+
+
+LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "ray": RayLauncherConfig,
+                                     "slurm": SlurmLauncherConfig}
 
 
 @dataclass(kw_only=True)
@@ -431,6 +555,11 @@ class CheckpointConfig:
     """Committed checkpoints to keep (older ones are deleted after a new one commits)."""
     enabled: bool = True
     """False: never save (benchmarks). The run cannot be resumed."""
+    adapter_only: bool = True
+    """Save only trainable parameters (adapters, `peft.trainable_modules`) with the optimizer and
+    loop state, not the frozen base: resume rebuilds the base from model.path or the seed, as at
+    the start. A full fine-tune (peft=none) has no frozen parameters, so this changes nothing there.
+    False also saves the frozen base (in its training dtype; NF4 bytes for QLoRA)."""
 
     def validate(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0; got {self.every_steps}")
@@ -511,6 +640,11 @@ class JobConfig:
             _require(self.model.tokenizer is not None or self.model.path is not None, "model.tokenizer",
                      "a tokenizer directory is required to tokenise data (or use data.format=synthetic)")
         _require(self.debug.fail_at_step <= self.train.max_steps, "debug.fail_at_step", "must be <= train.max_steps")
+        if self.peft.method == "qlora":
+            # NF4Linear's flat quantised state is sharded by FSDP2's fully_shard; ZeRO would cast,
+            # flatten or partition it in ways it does not survive (zero3 is refused above as well).
+            _require(self.parallel.backend == "fsdp2", "parallel.backend",
+                     f"peft=qlora runs on fsdp2 only; got {self.parallel.backend}")
         return self
 
 

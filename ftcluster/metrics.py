@@ -88,3 +88,21 @@ def start_wandb(*, run_dir: Path, logger_cfg, run_name: str, run_id: str | None,
                      tags=list(logger_cfg.tags) or None, name=logger_cfg.name or run_name, mode=logger_cfg.mode,
                      dir=str(run_dir), id=run_id, resume="allow", config=config, settings=settings)
     return run, run_id
+
+
+def host_rss_gib() -> tuple[float, float]:
+    """(current, peak) resident host memory of this process in GiB: VmRSS and VmHWM from
+    /proc/self/status, or the peak from getrusage where /proc is missing. Resident file-mapped
+    pages count too; the safetensors reader uses positioned reads, not mappings, for that reason."""
+    try:
+        fields = {}
+        for line in open("/proc/self/status"):
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 2**20  # kB -> GiB
+        return fields["VmRSS"], fields["VmHWM"]
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+        return peak, peak

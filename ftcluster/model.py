@@ -8,6 +8,7 @@ allocates only its shards and reads only the tensor slices it owns.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ftcluster.attention import register_s2_attention
 from ftcluster.config import JobConfig, ModelConfig
 from ftcluster.longlora import S2_ATTN, apply_s2_group_size, apply_trainable_modules
+from ftcluster.quant import is_nf4_param, logical_numel
 from ftcluster.rope import apply_rope_scaling
 
 IGNORE_INDEX = -100
@@ -80,7 +82,8 @@ def apply_peft(hf_model: nn.Module, job: JobConfig) -> nn.Module:
     (a peft.PeftModel for adapters, the model itself for full fine-tuning). Base weights of an
     adapter run are frozen (and later stored in the compute dtype); `peft.trainable_modules`
     (LongLoRA+: embeddings, norms) train in full as fp32 master weights. With S2-Attn the group
-    size goes into the HF config here (ftcluster/longlora.py)."""
+    size goes into the HF config here (ftcluster/longlora.py). QLoRA also quantises the frozen
+    decoder linears to NF4 here (still on the meta device; they are filled as weights load)."""
     p = job.peft
     if hf_model.config._attn_implementation == S2_ATTN:
         apply_s2_group_size(hf_model.config, p)
@@ -96,6 +99,13 @@ def apply_peft(hf_model: nn.Module, job: JobConfig) -> nn.Module:
     with torch.device("meta"):
         peft_model = get_peft_model(hf_model, lcfg)
     apply_trainable_modules(peft_model, list(p.trainable_modules))  # after get_peft_model froze the base
+    if p.method == "qlora":
+        # After the adapters exist (their linears are trainable and skipped) and before sharding:
+        # the frozen decoder linears become NF4 (ftcluster/quant.py), stored in the compute dtype.
+        from ftcluster.quant import apply_nf4
+
+        storage = {"bf16": torch.bfloat16, "fp32": torch.float32}[job.train.dtype]
+        apply_nf4(peft_model, layer_classes=decoder_layer_classes(hf_model), storage_dtype=storage)
     return peft_model
 
 
@@ -230,6 +240,12 @@ def materialize(module: CausalLMWithLoss, *, cfg: ModelConfig, seed: int, device
         local, index, flat = _local_slice(param)
         if local.numel() == 0:
             continue
+        if is_nf4_param(name):  # QLoRA: one linear's full weight, quantised, this rank's slice kept
+            local.copy_(_nf4_full(module, name, reader=reader, seed=seed, std=std, device=device,
+                                  storage_dtype=local.dtype)[index])
+            loaded += reader is not None
+            initialised += reader is None
+            continue
         key = hf_key(name)
         if reader is not None and not is_adapter_param(name):
             src = reader.read(key, index, tied_fallback=_tied_source(key, hf_config))
@@ -244,6 +260,22 @@ def materialize(module: CausalLMWithLoss, *, cfg: ModelConfig, seed: int, device
             initialised += 1
     _reset_buffers(module, device)
     return {"loaded": loaded, "initialised": initialised}
+
+
+def _nf4_full(module: nn.Module, name: str, *, reader: "SafetensorsSlices | None", seed: int, std: float,
+              device: torch.device, storage_dtype: torch.dtype) -> torch.Tensor:
+    """The full flat NF4 state of one quantised linear (ftcluster/quant.py), made on `device` from
+    the full-precision weight it stands for: read from safetensors, or the seeded init of the
+    same name a LoRA run would use. The full weight lives only for this call."""
+    from ftcluster.quant import nf4_module, nf4_weight_name, quantize_nf4
+
+    lin = nf4_module(module, name)
+    wname = nf4_weight_name(name)
+    if reader is not None:
+        w = reader.read(hf_key(wname), ()).to(device=device)
+    else:
+        w = _init_full(wname, torch.Size((lin.out_features, lin.in_features)), seed=seed, std=std, device=device)
+    return quantize_nf4(w, storage_dtype=storage_dtype)
 
 
 def _tied_source(key: str, hf_config) -> str | None:  # type: ignore[no-untyped-def]
@@ -265,13 +297,26 @@ def _reset_buffers(module: nn.Module, device: torch.device) -> None:
                 own[bname].copy_(buf.to(device))
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class SafetensorsSlices:
     """Reads slices of tensors from a Hugging Face safetensors checkpoint (single file or sharded
-    with model.safetensors.index.json) without loading whole tensors or files: safetensors maps the
-    file and copies only the requested rows."""
+    with model.safetensors.index.json) without loading whole tensors or files.
+
+    A block of whole leading-dimension rows (what an FSDP2 Shard(0) shard or a full tensor needs)
+    is read with plain positioned reads of exactly its bytes into a fresh tensor: no file mapping,
+    so the pages read never count towards this process's resident memory (a memory-mapped read
+    keeps every touched page resident and mapped: a rank would end up holding its shards twice).
+    Other slices fall back to safetensors' own memory-mapped `get_slice`."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._handles: dict[str, object] = {}
+        self._files: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
         index = directory / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -280,12 +325,8 @@ class SafetensorsSlices:
             if not single.is_file():
                 raise FileNotFoundError(f"model.path: {directory} has no model.safetensors or model.safetensors.index.json "
                                         "(only safetensors checkpoints are loaded; convert .bin files first)")
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
-                weight_map = {k: single.name for k in f.keys()}
+            weight_map = {k: single.name for k in self._header(single.name)[1] if k != "__metadata__"}
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
 
     def _handle(self, filename: str):  # type: ignore[no-untyped-def]
         if filename not in self._handles:
@@ -294,16 +335,79 @@ class SafetensorsSlices:
             self._handles[filename] = safe_open(str(self.directory / filename), framework="pt")
         return self._handles[filename]
 
+    def _file(self, filename: str):  # type: ignore[no-untyped-def]
+        if filename not in self._files:
+            self._files[filename] = open(self.directory / filename, "rb", buffering=0)
+        return self._files[filename]
+
+    def _header(self, filename: str) -> tuple[int, dict]:
+        """(byte offset of the data section, the JSON header) of one safetensors file."""
+        if filename not in self._headers:
+            import struct
+
+            with open(self.directory / filename, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[filename] = (8 + n, json.loads(f.read(n)))
+        return self._headers[filename]
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._header(self.weight_map[key])[1][key]["shape"])
+
     def read(self, key: str, index: tuple[slice, ...], *, tied_fallback: str | None = None) -> torch.Tensor:
+        """Tensor `key` restricted to `index` (one slice per leading dimension; () = the whole tensor)."""
         if key not in self.weight_map and tied_fallback is not None:
             key = tied_fallback
         if key not in self.weight_map:
             raise KeyError(f"model.path: {self.directory} has no tensor {key!r}")
-        sl = self._handle(self.weight_map[key]).get_slice(key)
-        return sl[index] if index else sl[:]
+        filename = self.weight_map[key]
+        start, header = self._header(filename)
+        info = header[key]
+        dtype, shape = _ST_DTYPES.get(info["dtype"]), list(info["shape"])
+        rows = _leading_rows(index, shape)
+        if dtype is None or rows is None:
+            sl = self._handle(filename).get_slice(key)
+            return sl[index] if index else sl[:]
+        r0, r1 = rows
+        row_numel = 1
+        for d in shape[1:]:
+            row_numel *= d
+        row_bytes = row_numel * dtype.itemsize
+        out = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
+        if out.numel():
+            _pread_into(self._file(filename), out, start + info["data_offsets"][0] + r0 * row_bytes)
+        return out.view(dtype).reshape([r1 - r0, *shape[1:]] if shape else [])
 
     def keys(self) -> Iterator[str]:
         return iter(self.weight_map)
+
+
+def _leading_rows(index: tuple[slice, ...], shape: list[int]) -> tuple[int, int] | None:
+    """(first, end) row when `index` selects whole rows of dimension 0 (and all of every other
+    dimension), else None."""
+    if not shape:
+        return (0, 1) if not index else None
+    if not index:
+        return 0, shape[0]
+    first = index[0]
+    if first.step not in (None, 1):
+        return None
+    for sl, n in zip(index[1:], shape[1:]):
+        if sl.step not in (None, 1) or (sl.start or 0) != 0 or (n if sl.stop is None else min(sl.stop, n)) != n:
+            return None
+    r0, r1, _ = first.indices(shape[0])
+    return r0, max(r0, r1)
+
+
+def _pread_into(f, out: torch.Tensor, offset: int) -> None:  # type: ignore[no-untyped-def]
+    """Fill the uint8 tensor `out` with the file's bytes from `offset` (loops: one read returns at
+    most ~2 GiB on Linux)."""
+    view = memoryview(out.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of file reading {getattr(f, 'name', f)} at byte {offset + done}")
+        done += n
 
 
 @dataclass(kw_only=True)
@@ -321,7 +425,7 @@ def count_params(module: nn.Module) -> ParamCounts:
     """Global (unsharded) parameter counts; the input embedding is counted separately (MFU excludes it)."""
     total = trainable = emb = 0
     for name, p in module.named_parameters():
-        n = p.numel()  # DTensor.numel() is the global size
+        n = logical_numel(module, name, p)  # DTensor.numel() is the global size; NF4: out x in
         total += n
         trainable += n if p.requires_grad else 0
         if "embed_tokens" in name:

@@ -20,11 +20,12 @@ import yaml
 from ftcluster.checkpoint import CheckpointManager, rng_state, set_rng_state
 from ftcluster.config import JobConfig
 from ftcluster.distributed import Dist, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
-from ftcluster.metrics import PEAK_FLOPS_PER_GPU, MetricsLogger, flops_per_token, start_wandb
+from ftcluster.metrics import PEAK_FLOPS_PER_GPU, MetricsLogger, flops_per_token, host_rss_gib, start_wandb
 from ftcluster.longlora import attended_span
 from ftcluster.model import (IGNORE_INDEX, CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model,
                              count_params, decoder_layer_classes, materialize)
 from ftcluster.optim import lr_at
+from ftcluster.preemption import NONE, PREEMPT, REASONS, TERMINATED_EXIT_CODE, StopRequests
 from ftcluster.parallel import parallelize
 
 log = logging.getLogger("ftcluster")
@@ -61,17 +62,20 @@ def train(job: JobConfig, run_dir: Path, *, on_log: Callable[[dict], None] | Non
     (the Ray launcher forwards them to `ray.train.report`); train() knows nothing of them."""
     d = init_distributed()
     _setup_logging(run_dir, d)
+    stops = StopRequests(is_main=d.is_main)  # from here on SIGUSR1/SIGTERM only set a flag
     if not d.is_main:
         import datasets
 
         datasets.disable_progress_bars()
     try:
-        _train(job, Path(run_dir), d, on_log=on_log)
+        _train(job, Path(run_dir), d, on_log=on_log, stops=stops)
     finally:
+        stops.close()
         shutdown()
 
 
-def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], None] | None) -> None:
+def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], None] | None,
+           stops: StopRequests) -> None:
     from ftcluster.data import DistributedBatches, build_dataset, check_enough_samples
 
     torch.manual_seed(job.seed)
@@ -111,6 +115,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
         log.info("weights: %d tensors loaded from %s, %d initialised from seed %d", stats["loaded"],
                  job.model.path or "-", stats["initialised"], job.seed)
 
+    rss_before_load = host_rss_gib()[0]
     engine = parallelize(module, job=job, dist=d, materialize=_materialize, layer_classes=layer_classes)
     module.train()
     log.info("parameters: %s total, %s trainable (%s)", f"{counts.total:,}", f"{counts.trainable:,}", job.peft.method)
@@ -146,11 +151,15 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
     logger_run_id = broadcast_object(logger_run_id)
     metrics = MetricsLogger(run_dir=run_dir, enabled=d.is_main, start_step=progress.step,
                             max_steps=tcfg.max_steps, wandb_run=wandb_run)
+    # Host memory after building, loading (and resuming): each rank's resident set before loading
+    # and its peak so far, gathered (collective) so rank 0 records every rank's.
+    host = _gather_host_rss(d, before=rss_before_load)
     if source is not None:
-        metrics.event("resume", step=progress.step, checkpoint=str(source), world_size=d.world_size)
+        metrics.event("resume", step=progress.step, checkpoint=str(source), world_size=d.world_size, **host)
     else:
         metrics.event("start", step=0, world_size=d.world_size, params=counts.total, trainable=counts.trainable,
-                      samples=len(data), dropped=data.stats.dropped_overlength + data.stats.dropped_no_supervision)
+                      samples=len(data), dropped=data.stats.dropped_overlength + data.stats.dropped_no_supervision,
+                      **host)
 
     n_layers = int(hf_config.num_hidden_layers)
     hidden = int(hf_config.hidden_size)
@@ -168,7 +177,10 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
         _check_finite(pending_bad, step)
         rank_state = {"rng": rng_state(), "data": batches.state_dict()}
         meta = {"tokens_seen": progress.tokens_seen + int(tokens_seen.item()), "data": batches.state_dict(),
-                "logger_run_id": logger_run_id}
+                "logger_run_id": logger_run_id,
+                # For `ftcluster export`: whether the frozen base is in the checkpoint, and on which
+                # device type seeded weights were generated (CPU and CUDA generators differ).
+                "adapter_only": job.checkpoint.adapter_only, "init_device": d.device_type}
         kill_in_save = _kill_job if job.debug.kill_in_save_at_step == step else None
         secs = ckpt.save(step=step, engine=engine, rank_state=rank_state,
                          meta=meta, config_yaml=config_yaml, before_commit=kill_in_save)
@@ -177,6 +189,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
             _kill_job()
 
     # --- the loop ---
+    stop = NONE
     while progress.step < tcfg.max_steps:
         step = progress.step + 1
         micro = [batches.next_microbatch() for _ in range(tcfg.grad_accum)]
@@ -234,14 +247,50 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
             window = _Window(t0=time.perf_counter(), tokens_at_t0=tok_v)
 
         every = job.checkpoint.every_steps
-        if job.checkpoint.enabled and (last or (every and step % every == 0)):
+        saved = job.checkpoint.enabled and (last or (every and step % every == 0))
+        if saved:
             t_save = time.perf_counter()
             save(step)
             window.t0 += time.perf_counter() - t_save  # checkpoint time is not training throughput
 
-    metrics.event("end", step=progress.step, tokens_seen=progress.tokens_seen + int(tokens_seen.item()))
+        # Preemption (SIGUSR1 or the request file) or SIGTERM on any rank: all ranks agree here,
+        # after a whole step (one all-reduce of a flag), checkpoint unless they just did, and stop.
+        stop = NONE if last else stops.agree(dev)
+        if stop:
+            if job.checkpoint.enabled and not saved:
+                save(step)
+            break
+
+    if stop:
+        newest = ckpt.latest() if job.checkpoint.enabled else None
+        log.info("stopped after step %d (%s); %s", progress.step, REASONS[stop],
+                 f"checkpoint {newest}" if newest else "no checkpoint (checkpoint.enabled=false)")
+        metrics.event("preempted" if stop == PREEMPT else "terminated", step=progress.step,
+                      checkpoint=str(newest) if newest else None)
+        if stop == PREEMPT:
+            stops.acknowledge(step=progress.step, checkpoint=newest)  # the Slurm job requeues on this
+        metrics.close()
+        barrier()
+        if stop == PREEMPT:
+            return  # a clean stop: resume=auto continues from the checkpoint
+        raise SystemExit(TERMINATED_EXIT_CODE)
+
+    host = _gather_host_rss(d, before=rss_before_load)
+    metrics.event("end", step=progress.step, tokens_seen=progress.tokens_seen + int(tokens_seen.item()),
+                  host_rss_peak_gib=host["host_rss_peak_gib"], host_rss_peak_gib_per_rank=host["host_rss_peak_gib_per_rank"])
     metrics.close()
     barrier()
+
+
+def _gather_host_rss(d: Dist, *, before: float) -> dict:
+    """Collective: every rank's host RSS before model loading and its peak so far (GiB)."""
+    t = torch.zeros(d.world_size, 2, dtype=torch.float64, device=d.device)
+    t[d.rank, 0] = before
+    t[d.rank, 1] = host_rss_gib()[1]
+    rows = all_reduce_sum(t).tolist()
+    return {"host_rss_before_load_gib": round(max(r[0] for r in rows), 4),
+            "host_rss_peak_gib": round(max(r[1] for r in rows), 4),
+            "host_rss_peak_gib_per_rank": [round(r[1], 4) for r in rows]}
 
 
 def _check_finite(pending_bad: torch.Tensor, step: int, *, loss: float | None = None, grad_norm: float | None = None) -> None:

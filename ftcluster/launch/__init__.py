@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftcluster.config import JobConfig, LocalLauncherConfig, RayLauncherConfig
+from ftcluster.config import JobConfig, LocalLauncherConfig, RayLauncherConfig, SlurmLauncherConfig
 
 
 def launch(job: JobConfig, run_dir: Path) -> int:
@@ -17,4 +17,8 @@ def launch(job: JobConfig, run_dir: Path) -> int:
         from ftcluster.launch.ray import launch_ray
 
         return launch_ray(job, run_dir)
+    if isinstance(job.launcher, SlurmLauncherConfig):
+        from ftcluster.launch.slurm import launch_slurm
+
+        return launch_slurm(job, run_dir)  # submits and returns; the job runs ftcluster.launch.slurm_job
     raise TypeError(f"launcher: unsupported launcher config {type(job.launcher).__name__}")

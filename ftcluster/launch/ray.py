@@ -159,11 +159,9 @@ def _run(job: JobConfig, run_dir: Path, cfg: RayLauncherConfig) -> int:
           f"  metrics     {run_dir / 'metrics.jsonl'} (also reported to Ray Train)\n"
           f"  checkpoints {run_dir / 'checkpoints'}\n  ray storage {storage.rstrip('/')}/{name}", flush=True)
 
-    log_actor = ray.remote(num_cpus=0)(_LaunchLog).remote()
     config = {
         "job": job, "run_dir": str(run_dir), "launch_id": launch_id, "world_size": plan.num_workers,
         "gpus_per_worker": plan.gpus_per_worker, "driver_cwd": os.getcwd(), "driver_host": socket.gethostname(),
-        "log": log_actor,
     }
     trainer = TorchTrainer(
         worker_main,
@@ -175,23 +173,22 @@ def _run(job: JobConfig, run_dir: Path, cfg: RayLauncherConfig) -> int:
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[_FailureRecorder(log=log_actor, max_failures=cfg.max_failures)],
+            callbacks=[_FailureRecorder(run_dir=str(run_dir), launch_id=launch_id, max_failures=cfg.max_failures)],
             worker_runtime_env={"env_vars": forwarded_env(os.environ)},
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     t0 = time.time()
     try:
-        trainer.fit()
+        result = trainer.fit()
     except WorkerGroupError as e:
-        failures = ray.get(log_actor.failures.remote())
+        failures = read_failures(run_dir, launch_id)
         _report_failure(run_dir, t0, e.worker_failures, restarts=max(0, len(failures) - 1), cfg=cfg)
         return 1
     except TrainingFailedError as e:
         print(f"ftcluster: Ray Train failed: {e}", file=sys.stderr)
         return 1
-    failures = ray.get(log_actor.failures.remote())
-    _report_success(run_dir, t0, plan, failures)
+    _report_success(run_dir, t0, plan, read_failures(run_dir, launch_id), last_report=result.metrics)
     return 0
 
 
@@ -206,7 +203,8 @@ def _check_capacity(plan: RayPlan, cfg: RayLauncherConfig, cluster: dict[str, fl
     print(f"ftcluster: warning: {text}; Ray Train waits until the autoscaler adds nodes", file=sys.stderr, flush=True)
 
 
-def _report_success(run_dir: Path, t0: float, plan: RayPlan, failures: list[dict]) -> None:
+def _report_success(run_dir: Path, t0: float, plan: RayPlan, failures: list[dict], *,
+                    last_report: dict | None) -> None:
     last = _last_step_record(run_dir)
     step = f"step {last['step']}, loss {last['loss']:.4f}" if last else "no step logged"
     ckpts = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if (p / "meta.json").is_file()),
@@ -215,7 +213,10 @@ def _report_success(run_dir: Path, t0: float, plan: RayPlan, failures: list[dict
           f"{len(failures)} restart(s): {step}", flush=True)
     for i, f in enumerate(failures, 1):
         print(f"  restart {i} after: " + "; ".join(f"rank {r}: {msg}" for r, msg in sorted(f["errors"].items())))
-    print(f"  metrics {run_dir / 'metrics.jsonl'}\n  checkpoints {run_dir / 'checkpoints'}"
+    to_ray = f"the last step Ray Train received is {last_report['step']}" if last_report and "step" in last_report \
+        else "no step reported to Ray Train by this launch"
+    print(f"  metrics {run_dir / 'metrics.jsonl'} ({to_ray})\n"
+          f"  checkpoints {run_dir / 'checkpoints'}"
           f" (newest: {ckpts[-1].name if ckpts else 'none'})\n  logs {run_dir / 'logs'}", flush=True)
 
 
@@ -266,45 +267,49 @@ def _preflight_hosts(run_dir: Path) -> dict[int, str]:
         return {}
 
 
-class _LaunchLog:
-    """A small actor (num_cpus=0) the controller callback and the workers report to."""
+FAILURES_FILE = "ray_failures.jsonl"
+"""<run.dir>/logs/ray_failures.jsonl: one line per worker-group failure, written by the controller."""
 
-    def __init__(self) -> None:
-        self._failures: list[dict] = []
 
-    def record_failure(self, errors: dict[int, str]) -> int:
-        self._failures.append({"time": time.time(), "errors": errors})
-        return len(self._failures)
-
-    def attempt(self) -> int:
-        """The current attempt number (1 = the first worker group)."""
-        return len(self._failures) + 1
-
-    def failures(self) -> list[dict]:
-        return list(self._failures)
+def read_failures(run_dir: Path, launch_id: str) -> list[dict]:
+    path = run_dir / "logs" / FAILURES_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("launch_id") == launch_id:
+            out.append(rec)
+    return out
 
 
 class _FailureRecorder(UserCallback):
-    """Runs in the Ray Train controller: records each worker-group failure (whether Ray restarts
-    the group or gives up) and says so on the console, naming the ranks."""
+    """Runs in the Ray Train controller (on the driver's node): records each worker-group failure,
+    whether Ray restarts the group or gives up, in logs/ray_failures.jsonl, and says so on the console."""
 
-    def __init__(self, *, log: Any, max_failures: int) -> None:
-        self.log = log
+    def __init__(self, *, run_dir: str, launch_id: str, max_failures: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.launch_id = launch_id
         self.max_failures = max_failures
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        import ray
-
-        errors = {int(r): _one_line(e) for r, e in worker_exceptions.items()}
-        try:
-            n = ray.get(self.log.record_failure.remote(errors))
-        except Exception:  # noqa: BLE001 - bookkeeping must never break Ray's failure handling
-            return
-        retry = self.max_failures < 0 or n <= self.max_failures
-        what = f"restarting the worker group ({n} of {'unlimited' if self.max_failures < 0 else self.max_failures})" \
-            if retry else "no restarts left"
-        print(f"ftcluster: worker group failed: " + "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
-              + f"; {what}", flush=True)
+        try:  # bookkeeping must never break Ray Train's failure handling
+            errors = {int(r): _one_line(e) for r, e in worker_exceptions.items()}
+            n = len(read_failures(self.run_dir, self.launch_id)) + 1
+            retry = self.max_failures < 0 or n <= self.max_failures
+            rec = {"launch_id": self.launch_id, "failure": n, "time": time.time(), "restart": retry,
+                   "errors": {str(r): m for r, m in errors.items()}}
+            with open(self.run_dir / "logs" / FAILURES_FILE, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            limit = "unlimited" if self.max_failures < 0 else self.max_failures
+            what = f"restarting the worker group (restart {n} of {limit})" if retry else "no restarts left"
+            print("ftcluster: worker group failed: " + "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+                  + f"; {what}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"ftcluster: could not record a worker failure: {e}", file=sys.stderr)
 
 
 # --- worker ---------------------------------------------------------------------------------------
@@ -317,10 +322,9 @@ def worker_main(config: dict) -> None:
     job: JobConfig = config["job"]
     run_dir = Path(config["run_dir"])
     rank = ray.train.get_context().get_world_rank()
-    # Ray Train logs every report at INFO on the console, ignoring RunConfig's LoggingConfig there.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_log()
     _enter_driver_cwd(config["driver_cwd"])
-    attempt = _attempt(config["log"])
+    attempt = len(read_failures(run_dir, config["launch_id"])) + 1  # labels logs only
     try:
         facts = collect_facts(job=job, run_dir=run_dir)
         everyone = _all_gather(facts)
@@ -345,21 +349,23 @@ def worker_main(config: dict) -> None:
         raise
 
 
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs every report at INFO on the worker's console (its logger is named after
+    the module's file, so RunConfig's LoggingConfig does not reach it): one line per step."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
+
+
 def _enter_driver_cwd(driver_cwd: str) -> None:
     """Relative paths in the config were validated against the driver's working directory. Use it
     where this node has it (one host, or a shared filesystem); otherwise stay in the worker's own
     working directory (with `ray job submit --working-dir`, the same shipped files)."""
     if os.path.isdir(driver_cwd):
         os.chdir(driver_cwd)
-
-
-def _attempt(log: Any) -> int:
-    import ray
-
-    try:
-        return int(ray.get(log.attempt.remote(), timeout=60))
-    except Exception:  # noqa: BLE001 - only labels log files
-        return 0
 
 
 def collect_facts(*, job: JobConfig, run_dir: Path) -> dict:

@@ -291,6 +291,11 @@ class DeepSpeedEngine:
     def __init__(self, module: nn.Module, *, job: JobConfig, dist: Dist, materialize, layer_classes: set[str]) -> None:  # type: ignore[no-untyped-def]
         with _quiet_deepspeed():
             import deepspeed
+        if dist.device_type == "cpu":
+            # deepspeed.comm would JIT-compile its shared-memory all-reduce for CPU ranks (used by
+            # its inference all-reduce only; training collectives go through our gloo group). Its
+            # table of buildable ops is a module-level dict meant to be edited: mark that op unavailable.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.dist = dist
         self.job = job
         self.stage = ZERO_STAGES[job.parallel.backend]
@@ -401,11 +406,11 @@ def _partition_zero3(module: nn.Module, *, ds_config: dict[str, Any], layer_clas
 
     groups = [m for m in module.modules() if type(m).__name__ in layer_classes] + [module]
     for group in groups:
-        todo = [p for p in group.parameters() if not is_zero_param(p)]
-        if not todo:
+        owners = [m for m in group.modules() if any(p.is_meta and not is_zero_param(p) for p in m.parameters(recurse=False))]
+        if not owners:
             continue
-        for p in todo:
-            p.data = torch.empty(p.shape, dtype=p.dtype, device=device)
+        for m in owners:
+            m.to_empty(device=device, recurse=False)
         deepspeed.zero.Init(module=group, config_dict_or_path=ds_config)
 
 

@@ -24,6 +24,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 class FSDP2Engine:
     def __init__(self, module: nn.Module, *, job: JobConfig, dist: Dist, materialize, layer_classes: set[str]) -> None:  # type: ignore[no-untyped-def]
         self.dist = dist
+        self.adapter_only = job.checkpoint.adapter_only
         compute = DTYPES[job.train.dtype]
         # Frozen weights are stored in the compute dtype before sharding (see module docstring).
         for p in module.parameters():
@@ -71,18 +72,28 @@ class FSDP2Engine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def save_state(self, directory: Path) -> None:
+        # checkpoint.adapter_only: the frozen base (an adapter run's base weights, QLoRA's NF4 state)
+        # is left out; it is rebuilt from model.path or the seed before the resume loads this.
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        opts = StateDictOptions(ignore_frozen_params=self.adapter_only)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=opts)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
 
     def load_state(self, directory: Path) -> None:
         # torch.distributed.checkpoint reshards: each rank reads the pieces of its current shards.
+        # Every trainable parameter must be in the checkpoint; a frozen one is loaded when the
+        # checkpoint holds it (saved with adapter_only=false), else it keeps its rebuilt value.
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+        saved = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        trainable = get_state_dict(self.module, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))[0]
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable or f"model.{k}" in saved}
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))

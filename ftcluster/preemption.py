@@ -1,0 +1,83 @@
+"""Stop requests: turn a preemption or a termination into a checkpoint at the next step boundary.
+
+Three ways to ask a run to stop, all launcher-agnostic:
+  SIGUSR1   preempt: checkpoint, stop cleanly, expect to be resumed (train() returns normally)
+  SIGTERM   terminate (scancel, time limit, node failure): best-effort checkpoint, then exit 143
+  request file  preempt, when $FTCLUSTER_PREEMPT_REQUEST names a file that exists. Rank 0 alone
+            looks (one stat per step). The Slurm batch script creates it when Slurm sends the batch
+            shell USR1 (`--signal=B:USR1@N`, `scancel --signal=USR1 --batch`): a file reaches ranks
+            that a signal cannot (Ray workers run train() off the main thread, where Python cannot
+            install handlers) and signals nothing else (a USR1 kills processes without a handler).
+
+Signal handlers only set a flag. At every step boundary train() calls `agree()`: one all-reduce (MAX)
+of each rank's request, so every rank stops after the same step, even if only one got the signal.
+After the checkpoint commits, rank 0 writes $FTCLUSTER_PREEMPT_SAVED (the step), which the batch
+script reads to decide that the job should be requeued.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+PREEMPT_REQUEST_ENV = "FTCLUSTER_PREEMPT_REQUEST"
+PREEMPT_SAVED_ENV = "FTCLUSTER_PREEMPT_SAVED"
+
+NONE, PREEMPT, TERMINATE = 0, 1, 2
+"""Requests, ordered: when ranks disagree, the strongest wins."""
+REASONS = {PREEMPT: "preempt", TERMINATE: "terminate"}
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+"""Exit status of a run stopped by SIGTERM (after its best-effort checkpoint), as if killed by it."""
+
+_SIGNALS = {signal.SIGUSR1: PREEMPT, signal.SIGTERM: TERMINATE}
+
+
+class StopRequests:
+    """This rank's stop request (signals, request file) and the all-rank agreement on it."""
+
+    def __init__(self, *, is_main: bool) -> None:
+        self._request = NONE
+        self._is_main = is_main
+        self._request_file = os.environ.get(PREEMPT_REQUEST_ENV) or None
+        self._previous: dict[int, object] = {}
+        # Python runs handlers in the main thread only; elsewhere (Ray Train's training thread)
+        # only the request file works.
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._request = max(self._request, _SIGNALS[signum])  # only a flag: the save happens at a step boundary
+
+    def local(self) -> int:
+        if self._request == NONE and self._is_main and self._request_file and os.path.exists(self._request_file):
+            self._request = PREEMPT
+        return self._request
+
+    def agree(self, device: torch.device) -> int:
+        """Collective (every rank, every step boundary): the strongest request of any rank."""
+        t = torch.tensor([self.local()], dtype=torch.int32, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def acknowledge(self, *, step: int, checkpoint: Path | None) -> None:
+        """Rank 0, after a preemption checkpoint committed: tell the job script (it requeues)."""
+        path = os.environ.get(PREEMPT_SAVED_ENV)
+        if not (self._is_main and path):
+            return
+        tmp = f"{path}.part"
+        with open(tmp, "w") as f:
+            f.write(f"step {step} {checkpoint or 'no checkpoint (checkpoint.enabled=false)'}\n")
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        """Restore the handlers that were there before."""
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)  # type: ignore[arg-type]
+        self._previous.clear()
