@@ -437,10 +437,12 @@ class SlurmLauncherConfig:
     """Self-requeues after a preemption signal before the job gives up (counted by SLURM_RESTART_COUNT)."""
     dry_run: bool = False
     """Render the script into <run.dir>/slurm/dry-run/ and print it; submit nothing."""
-    rdzv_port: int = 29500
-    """mode=torchrun: c10d rendezvous port on the first node."""
-    ray_port: int = 6379
-    """mode=ray: the Ray head's GCS port on the first node."""
+    rdzv_port: int = 0
+    """mode=torchrun: c10d rendezvous port on the first node; 0: 20000 + job id % 20000, so jobs
+    sharing a node do not collide."""
+    ray_port: int = 0
+    """mode=ray: the Ray head's GCS port on the first node (its dashboard takes the next one);
+    0: 40000 + job id % 20000."""
     ray_wait_s: int = 300
     """mode=ray: seconds to wait for every node to join the Ray cluster before failing."""
     ray_max_failures: int = 0
@@ -485,7 +487,7 @@ class SlurmLauncherConfig:
         _require(self.python is None or self.python.startswith("/") or "/" not in self.python, "launcher.python",
                  f"must be an absolute path or a command name on PATH; got {self.python!r}")
         for key in ("rdzv_port", "ray_port"):
-            _require(0 < getattr(self, key) < 65536, f"launcher.{key}", "must be in [1, 65535]")
+            _require(0 <= getattr(self, key) < 65535, f"launcher.{key}", "must be in [0, 65534] (0: from the job id)")
         _require(self.ray_wait_s >= 1, "launcher.ray_wait_s", f"must be >= 1; got {self.ray_wait_s}")
         _require(self.ray_max_failures >= -1, "launcher.ray_max_failures", f"must be >= -1; got {self.ray_max_failures}")
 

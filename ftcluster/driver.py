@@ -51,7 +51,7 @@ def check_environment(job: JobConfig) -> None:
         n = local_world_size(job.launcher)
         if gpus and n > gpus:
             raise ConfigError(f"launcher.nproc_per_node: {n} ranks but only {gpus} visible GPUs on this host")
-        if job.parallel.cpu_offload and not gpus:
+        if job.parallel.cpu_offload and job.parallel.backend == "fsdp2" and not gpus:  # ZeRO offload runs on CPU ranks
             raise ConfigError("parallel.cpu_offload: needs GPUs (FSDP2 offloads from an accelerator; on a CPU-only "
                               "host the parameters already live in host memory)")
     if isinstance(job.launcher, RayLauncherConfig):

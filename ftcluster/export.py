@@ -358,14 +358,24 @@ def write_hf_extras(out: Path, *, source: Source, hf_model: nn.Module, dtype: to
     if job.model.path and (Path(job.model.path) / "generation_config.json").is_file():
         shutil.copy2(Path(job.model.path) / "generation_config.json", out / "generation_config.json")
         written.append("generation_config.json")
-    tok_dir = job.model.tokenizer or job.model.path
-    if tok_dir and Path(tok_dir).is_dir():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=job.model.trust_remote_code, local_files_only=True)
-        tok.save_pretrained(str(out))
+    if save_tokenizer(job, out):
         written.append("tokenizer")
     return written
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def save_tokenizer(job: JobConfig, out: Path) -> bool:
+    """Copy the run's tokenizer (model.tokenizer, else model.path) into `out`, if it has one."""
+    tok_dir = job.model.tokenizer or job.model.path
+    if not tok_dir or not any((Path(tok_dir) / f).is_file() for f in TOKENIZER_FILES):
+        return False
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=job.model.trust_remote_code, local_files_only=True)
+    tok.save_pretrained(str(out))
+    return True
 
 
 def peft_adapter_key(name: str) -> str:
@@ -431,7 +441,7 @@ def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf
                      "quantisation) the adapters were trained against" if merged else
                      "QLoRA: the adapters were trained against the base quantised to NF4 (bitsandbytes nf4, blocksize "
                      "64, double quantisation); load the base with BitsAndBytesConfig(load_in_4bit=True, "
-                     "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True) to reproduce training exactly")
+                     "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True) to get the same quantised weights")
     if merged:
         what = "merge" if method != "none" else "export"
         index = write_model(out, entries=entries, base=base, state=state, dtype=tdtype, max_bytes=max_bytes,
@@ -460,12 +470,7 @@ def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf
             base_ref = str(Path(job.model.path).resolve())
         n = write_adapter(out, source=source, module=module, state=state, base_dir=base_ref, dtype=tdtype)
         summary.update(kind="adapter", tensors=n, base_model_name_or_path=base_ref)
-        tok_dir = job.model.tokenizer or job.model.path
-        if tok_dir and Path(tok_dir).is_dir():
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=job.model.trust_remote_code,
-                                          local_files_only=True).save_pretrained(str(out))
+        save_tokenizer(job, out)
     summary["notes"] = notes
     (out / "ftcluster_export.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -3,7 +3,8 @@
 Numbers (DESIGN.md): tokens/s counts real (non-pad) input tokens. MFU divides achieved model FLOPs
 by 989e12 per GPU (H100/H200 dense bf16). Model FLOPs per token: full fine-tuning
 6*N + 12*L*d*S; adapters 4*N_frozen + 6*N_trainable + 12*L*d*S, with N excluding the input
-embedding table and S the attended span (the padded sequence length of the batch).
+embedding table and S the attended span (the padded sequence length of the batch; the group size
+under S2-Attn in training: ftcluster.longlora.attended_span).
 """
 from __future__ import annotations
 

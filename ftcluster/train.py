@@ -115,7 +115,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
         log.info("weights: %d tensors loaded from %s, %d initialised from seed %d", stats["loaded"],
                  job.model.path or "-", stats["initialised"], job.seed)
 
-    rss_before_load = host_rss_gib()[0]
+    rss_before_load, t_load = host_rss_gib()[0], time.perf_counter()
     engine = parallelize(module, job=job, dist=d, materialize=_materialize, layer_classes=layer_classes)
     module.train()
     log.info("parameters: %s total, %s trainable (%s)", f"{counts.total:,}", f"{counts.trainable:,}", job.peft.method)
@@ -154,6 +154,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
     # Host memory after building, loading (and resuming): each rank's resident set before loading
     # and its peak so far, gathered (collective) so rank 0 records every rank's.
     host = _gather_host_rss(d, before=rss_before_load)
+    host["load_seconds"] = round(time.perf_counter() - t_load, 2)  # shard + materialise (+ resume)
     if source is not None:
         metrics.event("resume", step=progress.step, checkpoint=str(source), world_size=d.world_size, **host)
     else:

@@ -6,7 +6,7 @@
     write <run.dir>/ray_launch_id                  and set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*
     TorchTrainer(worker_main, {job, run_dir..}) -> pre-flight: gather host/rank/devices/versions,
       FailureConfig(max_failures)                    all check the same facts, fail naming a worker
-      _FailureRecorder (controller callback)       train(job, run_dir, on_log=reporter)  (as local)
+      _RunRecorder (controller callback)           train(job, run_dir, on_log=reporter)  (as local)
     fit(); summary, or the failing ranks           reporter thread: ray.train.report(step record)
 
 Ray does the placing, the process group and the restarts; ftcluster does the training and the
@@ -18,7 +18,8 @@ Ray's storage_path only holds Ray Train's own bookkeeping. Both must be on a fil
 sees (checked in pre-flight for the run dir).
 
 The driver ships the resolved, validated JobConfig (a plain dataclass) and the absolute run dir to
-the workers; they never run Hydra. Needs Ray Train V2 (the default since Ray 2.5x).
+the workers; they never run Hydra. Needs Ray Train V2 (the default in Ray 2.60, the version this was
+written and tested against).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import sys
 import threading
@@ -111,10 +113,18 @@ def forwarded_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
 def launch_ray(job: JobConfig, run_dir: Path) -> int:
     cfg: RayLauncherConfig = job.launcher
     for k, v in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)  # before `ray.train` is imported: it reads the V2 flag then
+        os.environ.setdefault(k, v)  # read by Ray Train when the trainer starts; forwarded to its actors
     import ray
 
-    started_here = _connect(cfg)
+    try:
+        started_here = _connect(cfg)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"ftcluster: launcher.address={cfg.address}: cannot connect to Ray: {type(e).__name__}: {_first_line(e)}\n"
+              "  auto joins the cluster this host runs (`ray start --head` / `ray start --address=HEAD:6379`) or "
+              "$RAY_ADDRESS; launcher.address=local starts a private one.\n  Ray 2.60 clusters use token "
+              "authentication by default: export RAY_AUTH_MODE=token and give this host the cluster's token "
+              "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN).", file=sys.stderr)
+        return 1
     try:
         return _run(job, run_dir, cfg)
     finally:
@@ -145,6 +155,7 @@ def _run(job: JobConfig, run_dir: Path, cfg: RayLauncherConfig) -> int:
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    t0 = time.time()
     plan = plan_workers(cfg, ray.cluster_resources())
     _check_capacity(plan, cfg, ray.cluster_resources())
     launch_id = uuid.uuid4().hex[:12]
@@ -173,22 +184,22 @@ def _run(job: JobConfig, run_dir: Path, cfg: RayLauncherConfig) -> int:
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[_FailureRecorder(run_dir=str(run_dir), launch_id=launch_id, max_failures=cfg.max_failures)],
+            callbacks=[_RunRecorder(run_dir=str(run_dir), launch_id=launch_id, max_failures=cfg.max_failures)],
             worker_runtime_env={"env_vars": forwarded_env(os.environ)},
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    t0 = time.time()
     try:
-        result = trainer.fit()
+        trainer.fit()
     except WorkerGroupError as e:
         failures = read_failures(run_dir, launch_id)
-        _report_failure(run_dir, t0, e.worker_failures, restarts=max(0, len(failures) - 1), cfg=cfg)
+        _report_failure(run_dir, t0, e.worker_failures, restarts=sum(1 for f in failures if f.get("restart")),
+                        cfg=cfg)
         return 1
     except TrainingFailedError as e:
         print(f"ftcluster: Ray Train failed: {e}", file=sys.stderr)
         return 1
-    _report_success(run_dir, t0, plan, read_failures(run_dir, launch_id), last_report=result.metrics)
+    _report_success(run_dir, t0, plan, read_failures(run_dir, launch_id), reports=read_reports(run_dir, launch_id))
     return 0
 
 
@@ -203,18 +214,17 @@ def _check_capacity(plan: RayPlan, cfg: RayLauncherConfig, cluster: dict[str, fl
     print(f"ftcluster: warning: {text}; Ray Train waits until the autoscaler adds nodes", file=sys.stderr, flush=True)
 
 
-def _report_success(run_dir: Path, t0: float, plan: RayPlan, failures: list[dict], *,
-                    last_report: dict | None) -> None:
+def _report_success(run_dir: Path, t0: float, plan: RayPlan, failures: list[dict], *, reports: dict) -> None:
     last = _last_step_record(run_dir)
     step = f"step {last['step']}, loss {last['loss']:.4f}" if last else "no step logged"
-    ckpts = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if (p / "meta.json").is_file()),
-                   key=lambda p: int(p.name.split("_")[1])) if (run_dir / "checkpoints").is_dir() else []
+    ckpts = _committed(run_dir)
     print(f"ftcluster: done in {time.time() - t0:.1f} s on {plan.num_workers} Ray worker(s), "
           f"{len(failures)} restart(s): {step}", flush=True)
     for i, f in enumerate(failures, 1):
-        print(f"  restart {i} after: " + "; ".join(f"rank {r}: {msg}" for r, msg in sorted(f["errors"].items())))
-    to_ray = f"the last step Ray Train received is {last_report['step']}" if last_report and "step" in last_report \
-        else "no step reported to Ray Train by this launch"
+        print(f"  restart {i} after: " + _causes_first(f["errors"]))
+    last_report = reports["last"] or {}
+    to_ray = (f"Ray Train received {reports['reports']} step report(s), the last for step {last_report.get('step')}"
+              if reports["reports"] else "no step reported to Ray Train: nothing was left to train")
     print(f"  metrics {run_dir / 'metrics.jsonl'} ({to_ray})\n"
           f"  checkpoints {run_dir / 'checkpoints'}"
           f" (newest: {ckpts[-1].name if ckpts else 'none'})\n  logs {run_dir / 'logs'}", flush=True)
@@ -226,22 +236,50 @@ def _report_failure(run_dir: Path, t0: float, worker_failures: dict[int, BaseExc
     print(f"ftcluster: training failed on {len(worker_failures)} Ray worker(s) after {time.time() - t0:.1f} s and "
           f"{restarts} restart(s) (launcher.max_failures={cfg.max_failures}); logs in {run_dir / 'logs'}",
           file=sys.stderr)
-    for rank, err in sorted(worker_failures.items()):
+    # The cause first: when one rank dies, its peers fail in a collective a moment later.
+    for rank, err in sorted(worker_failures.items(), key=lambda kv: (_is_collateral(_one_line(kv[1])), kv[0])):
         where = f" ({hosts[rank]})" if rank in hosts else ""
-        print(f"  rank {rank}{where}: {_one_line(err)}", file=sys.stderr)
+        note = " (likely a consequence of another rank's failure)" if _is_collateral(_one_line(err)) \
+            and len(worker_failures) > 1 else ""
+        print(f"  rank {rank}{where}: {_one_line(err)}{note}", file=sys.stderr)
         err_file = run_dir / "logs" / f"rank{rank}.error"
         if not err_file.is_file() or err_file.stat().st_mtime < t0:  # the worker could not write it itself
             err_file.write_text(f"{type(err).__name__}: {err}\n")
-    newest = _last_step_record(run_dir)
-    if newest is not None:
-        print(f"  run the same command again to resume from the newest committed checkpoint in "
-              f"{run_dir / 'checkpoints'}", file=sys.stderr)
+    ckpts = _committed(run_dir)
+    if ckpts:
+        print(f"  the newest committed checkpoint is {ckpts[-1]}; the same command again resumes from it",
+              file=sys.stderr)
     sys.stderr.flush()
+
+
+_COLLATERAL = re.compile(r"gloo|NCCL|Connection (reset|closed)|ProcessGroup|DistBackendError|Broken pipe", re.I)
+
+
+def _is_collateral(line: str) -> bool:
+    """A collective failing because a peer went away (not the root cause)."""
+    return bool(_COLLATERAL.search(line))
+
+
+def _causes_first(errors: dict) -> str:
+    """`rank r: error; ...`, root causes before collateral collective failures."""
+    items = sorted(((int(r), m) for r, m in errors.items()), key=lambda rm: (_is_collateral(rm[1]), rm[0]))
+    return "; ".join(f"rank {r}: {m}" for r, m in items)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
 
 
 def _one_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+def _committed(run_dir: Path) -> list[Path]:
+    d = run_dir / "checkpoints"
+    found = [p for p in d.glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").is_file()] if d.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def _last_step_record(run_dir: Path) -> dict | None:
@@ -286,14 +324,40 @@ def read_failures(run_dir: Path, launch_id: str) -> list[dict]:
     return out
 
 
-class _FailureRecorder(UserCallback):
-    """Runs in the Ray Train controller (on the driver's node): records each worker-group failure,
-    whether Ray restarts the group or gives up, in logs/ray_failures.jsonl, and says so on the console."""
+REPORTS_FILE = "ray_reports.json"
+"""<run.dir>/logs/ray_reports.json: how many step reports Ray Train's controller received, and the last."""
+
+
+def read_reports(run_dir: Path, launch_id: str) -> dict:
+    try:
+        rec = json.loads((run_dir / "logs" / REPORTS_FILE).read_text())
+    except (OSError, ValueError):
+        return {"reports": 0, "last": None}
+    return rec if rec.get("launch_id") == launch_id else {"reports": 0, "last": None}
+
+
+class _RunRecorder(UserCallback):
+    """Runs in the Ray Train controller (on the driver's node). Records what Ray Train itself saw:
+    the step reports it received (logs/ray_reports.json; Ray Train V2 keeps metrics only with
+    checkpoints, and ours never go to Ray) and each worker-group failure, whether Ray restarts the
+    group or gives up (logs/ray_failures.jsonl, and a line on the console)."""
 
     def __init__(self, *, run_dir: str, launch_id: str, max_failures: int) -> None:
         self.run_dir = Path(run_dir)
         self.launch_id = launch_id
         self.max_failures = max_failures
+        self.reports = 0
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        try:
+            self.reports += 1
+            path = self.run_dir / "logs" / REPORTS_FILE
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"launch_id": self.launch_id, "reports": self.reports,
+                                       "last": metrics[0] if metrics else None}) + "\n")
+            os.replace(tmp, path)
+        except Exception:  # noqa: BLE001 - bookkeeping must never break Ray Train
+            pass
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         try:  # bookkeeping must never break Ray Train's failure handling
@@ -306,7 +370,7 @@ class _FailureRecorder(UserCallback):
                 f.write(json.dumps(rec) + "\n")
             limit = "unlimited" if self.max_failures < 0 else self.max_failures
             what = f"restarting the worker group (restart {n} of {limit})" if retry else "no restarts left"
-            print("ftcluster: worker group failed: " + "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+            print("ftcluster: worker group failed: " + _causes_first(errors)
                   + f"; {what}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"ftcluster: could not record a worker failure: {e}", file=sys.stderr)
@@ -339,7 +403,7 @@ def worker_main(config: dict) -> None:
             from ftcluster.launch.local import _redirect_output
 
             _redirect_output(run_dir / "logs" / f"rank{rank}.out")
-        reporter = _RayReporter()
+        reporter = _RayReporter(rank=rank)
         from ftcluster.train import train
 
         train(job, run_dir, on_log=reporter)
@@ -395,9 +459,19 @@ def collect_facts(*, job: JobConfig, run_dir: Path) -> dict:
         "missing_paths": missing_paths(job),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "ray": ray.__version__, "ftcluster": getattr(ftcluster, "__version__", "?"),
+                     "ftcluster sources": _source_digest(Path(ftcluster.__file__).parent),
                      "python": sys.version.split()[0]},
         "cwd": os.getcwd(),
     }
+
+
+def _source_digest(package_dir: Path) -> str:
+    """Digest of the ftcluster sources this worker imports: nodes running different code (a stale
+    install, another checkout) differ here even when the version string agrees."""
+    h = hashlib.sha256()
+    for f in sorted(package_dir.rglob("*.py")):
+        h.update(str(f.relative_to(package_dir)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _sha(path: Path) -> str | None:
@@ -419,18 +493,20 @@ def missing_paths(job: JobConfig) -> list[str]:
 
 
 def _all_gather(facts: dict) -> list[dict]:
-    """Every worker's facts, over the process group Ray set up (a gloo side group under NCCL, so
-    nothing here needs a device)."""
+    """Every worker's facts, over the process group Ray Train set up, the one training uses. Under
+    NCCL the object travels through this worker's GPU, so check first (alone) that it has one."""
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        raise PreflightError(f"worker rank {facts['rank']} (host {facts['host']}): Ray Train did not initialise "
-                             "torch.distributed")
-    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        raise PreflightError(f"{_who(facts)}: Ray Train did not initialise torch.distributed")
+    if dist.get_backend() == "nccl":
+        problem = _own_gpu_problem(facts)
+        if problem:
+            raise PreflightError(f"pre-flight failed:\n  {_who(facts)}: {problem}")
+        torch.cuda.set_device(facts["local_rank"])  # the device train() uses: cuda:LOCAL_RANK
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, facts, group=group)
-    if group is not None:
-        dist.destroy_process_group(group)
+    dist.all_gather_object(out, facts)
     return out
 
 
@@ -491,13 +567,9 @@ def _check_gpus(facts: list[dict]) -> list[str]:
         for f in host_facts:
             who = _who(f)
             visible = [v for v in (f["cuda_visible_devices"] or "").split(",") if v]
-            if f["cuda_device_count"] < 1:
-                problems.append(f"{who}: torch sees no CUDA device (CUDA_VISIBLE_DEVICES={f['cuda_visible_devices']!r})")
-                continue
-            if f["local_rank"] >= f["cuda_device_count"]:
-                problems.append(f"{who}: would use cuda:{f['local_rank']} but sees only {f['cuda_device_count']} "
-                                f"device(s) (CUDA_VISIBLE_DEVICES={f['cuda_visible_devices']!r}; keep Ray Train's "
-                                "CUDA_VISIBLE_DEVICES sharing on)")
+            problem = _own_gpu_problem(f)
+            if problem:
+                problems.append(f"{who}: {problem}")
                 continue
             if len(visible) > f["local_rank"]:
                 gpu = visible[f["local_rank"]]
@@ -508,6 +580,17 @@ def _check_gpus(facts: list[dict]) -> list[str]:
                     problems.append(f"{who}: would use GPU {gpu}, as does {_who(used[gpu])}")
                 used[gpu] = f
     return problems
+
+
+def _own_gpu_problem(f: dict) -> str | None:
+    """What keeps this worker from using cuda:LOCAL_RANK, if anything."""
+    if f["cuda_device_count"] < 1:
+        return f"torch sees no CUDA device (CUDA_VISIBLE_DEVICES={f['cuda_visible_devices']!r})"
+    if f["local_rank"] >= f["cuda_device_count"]:
+        return (f"would use cuda:{f['local_rank']} but sees only {f['cuda_device_count']} device(s) "
+                f"(CUDA_VISIBLE_DEVICES={f['cuda_visible_devices']!r}; keep Ray Train's CUDA_VISIBLE_DEVICES "
+                "sharing on)")
+    return None
 
 
 def _int(v: str | None) -> int | None:
@@ -541,35 +624,68 @@ def _write_error(run_dir: Path, rank: int, attempt: int, err: BaseException) -> 
 
 
 class _RayReporter:
-    """train()'s `on_log` observer under Ray: forwards each logged step record to
-    `ray.train.report` (metrics only, no checkpoint) from a background thread. Ray Train V2's report
-    is a barrier across all workers; train() calls the observer on every rank with the same records,
-    so every rank reports equally often, and the thread keeps that barrier off the training step."""
+    """train()'s `on_log` observer under Ray: mirrors step records to `ray.train.report` (metrics
+    only, no checkpoint) from a background thread, so nothing here ever waits inside a step.
 
-    def __init__(self) -> None:
+    Two facts of Ray Train V2 shape it. Every worker must call `report` equally often (it is a
+    barrier), and the controller takes one report per worker per health-check poll (every 2 s), so
+    reporting every step would queue without bound on fast steps. So rank 0 leads: each round it
+    takes the newest record it has (older ones are skipped; metrics.jsonl has them all) and
+    broadcasts it with `ray.train.collective.broadcast_from_rank_zero`; then every rank reports that
+    same record. A round with nothing new (a step longer than 30 s, model loading) only broadcasts,
+    which keeps Ray's collective-wait warnings quiet. `close()` reports the final record and stops
+    every rank's thread in the same round."""
+
+    HEARTBEAT_S = 30.0
+
+    def __init__(self, *, rank: int) -> None:
+        self.rank = rank
         self._queue: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ftcluster-ray-report", daemon=True)
         self._thread.start()
 
     def __call__(self, record: dict) -> None:
-        self._queue.put(record)
+        if self.rank == 0:  # the others report rank 0's record; they keep nothing
+            self._queue.put(_compact(record))
+
+    def _next(self) -> tuple[dict | None, bool]:
+        """Rank 0: the newest queued record (waiting up to HEARTBEAT_S for one) and whether close() was called."""
+        items = []
+        try:
+            items.append(self._queue.get(timeout=self.HEARTBEAT_S))
+            while True:
+                items.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        closing = any(i is None for i in items)
+        records = [i for i in items if i is not None]
+        return (records[-1] if records else None), closing
 
     def _run(self) -> None:
         import ray.train
+        from ray.train.collective import broadcast_from_rank_zero
 
-        while True:
-            record = self._queue.get()
-            if record is None:
-                return
-            if self._error is None:
-                try:
-                    ray.train.report(metrics=record)
-                except Exception as e:  # noqa: BLE001 - metrics mirroring must not kill training
-                    self._error = e
-                    print(f"ftcluster: ray.train.report failed, no more metrics go to Ray: {e}", file=sys.stderr)
+        try:
+            while True:
+                msg = None
+                if self.rank == 0:
+                    record, closing = self._next()
+                    msg = {"record": record, "stop": closing}
+                msg = broadcast_from_rank_zero(msg)
+                if msg["record"] is not None:
+                    ray.train.report(metrics=msg["record"])
+                if msg["stop"]:
+                    return
+        except Exception as e:  # noqa: BLE001 - a failing worker group; Ray reports the real error
+            print(f"ftcluster: stopped reporting metrics to Ray Train: {type(e).__name__}: {e}", file=sys.stderr)
 
     def close(self) -> None:
-        """Report what is queued (the other ranks do the same), then stop."""
-        self._queue.put(None)
-        self._thread.join()
+        """Report the last record (every rank takes part), then stop. Rank 0 decides the round."""
+        if self.rank == 0:
+            self._queue.put(None)
+        self._thread.join(timeout=600)
+
+
+def _compact(record: dict) -> dict:
+    """A step record small enough for broadcast_from_rank_zero (< 1 kB): plain scalars only."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool)) or v is None}

@@ -92,8 +92,8 @@ OWNED_KEYS = {
     "optimizer": "optim.* and parallel.zero_optimizer",
     "scheduler": "optim.* (the loop sets the learning rate every step)",
     "zero_optimization.stage": "parallel.backend",
-    "zero_optimization.offload_optimizer": "parallel.cpu_offload",
-    "zero_optimization.offload_param": "parallel.cpu_offload",
+    "zero_optimization.offload_optimizer.device": "parallel.cpu_offload",
+    "zero_optimization.offload_param.device": "parallel.cpu_offload",
     "checkpoint.load_universal": "(set automatically when resuming at another world size)",
 }
 
@@ -304,10 +304,11 @@ class DeepSpeedEngine:
         self._skip_on_host = False
         compute = torch.bfloat16 if job.train.dtype == "bf16" else torch.float32
         ds_config = build_ds_config(job)
-        # Every weight is stored in the compute dtype (cast on meta: free); DeepSpeed's optimizer
-        # keeps fp32 master copies of the trainable ones. Buffers stay fp32.
+        # Frozen weights are stored in the compute dtype (cast on meta: free). Trainable ones are
+        # filled in fp32 first, so that DeepSpeed's fp32 master copies can start from the exact
+        # values FSDP2 starts from (see _to_compute_dtype); buffers stay fp32.
         for p in module.parameters():
-            if p.dtype != compute:
+            if not p.requires_grad and p.dtype != compute:
                 p.data = p.data.to(compute)
         if self.stage == 3:
             with _quiet_deepspeed():
@@ -315,9 +316,10 @@ class DeepSpeedEngine:
             # The loss head reads the output projection's weight outside lm_head.forward: gather it
             # with the root module's forward and backward.
             deepspeed.zero.register_external_parameter(module, module.hf_model.get_output_embeddings().weight)
-        # ZeRO-1/2: every rank allocates the full bf16 model (it is replicated); ZeRO-3: each rank
-        # fills its own partitions.
+        # ZeRO-1/2: every rank allocates the full model (it is replicated); ZeRO-3: each rank fills
+        # its own partitions.
         materialize(module, dist.device)
+        exact = _to_compute_dtype(module, compute, zero3=self.stage == 3)
 
         client = None
         model_parameters = None
@@ -328,6 +330,7 @@ class DeepSpeedEngine:
         with _quiet_deepspeed(), explain_op_build_failures():
             self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=client, model_parameters=model_parameters,
                                                     config=ds_config, dist_init_required=False)
+        _set_fp32_masters(exact, zero3=self.stage == 3)
         self.module = module
         # The optimizer that updates the fp32 partitions (ours, or the one DeepSpeed built).
         self.inner = client if client is not None else self.ds.optimizer.optimizer
@@ -412,6 +415,34 @@ def _partition_zero3(module: nn.Module, *, ds_config: dict[str, Any], layer_clas
         for m in owners:
             m.to_empty(device=device, recurse=False)
         deepspeed.zero.Init(module=group, config_dict_or_path=ds_config)
+
+
+def _to_compute_dtype(module: nn.Module, compute: torch.dtype, *, zero3: bool) -> dict[nn.Parameter, torch.Tensor]:
+    """Cast the (filled) fp32 trainable weights to the compute dtype and return their exact fp32
+    values (ZeRO-3: this rank's partition; ZeRO-1/2: the whole tensor), which become the fp32
+    master weights once DeepSpeed has built its optimizer (it builds them from the cast module).
+    Held only until then: a full fp32 copy of the trainable weights per rank under ZeRO-1/2."""
+    exact: dict[nn.Parameter, torch.Tensor] = {}
+    for p in module.parameters():
+        if p.dtype == compute:
+            continue
+        if zero3:
+            fp32 = p.ds_tensor.data
+            p.ds_tensor.data = fp32.to(compute)
+            p.data = torch.empty(0, dtype=compute, device=p.data.device)  # partitioned: no data of its own
+        else:
+            fp32 = p.data
+            p.data = fp32.to(compute)
+        exact[p] = fp32
+    return exact
+
+
+def _set_fp32_masters(exact: dict[nn.Parameter, torch.Tensor], *, zero3: bool) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    for p, value in exact.items():
+        (safe_set_local_fp32_param if zero3 else safe_set_full_fp32_param)(p, value)
+    exact.clear()
 
 
 def _global_grad_norm(opt) -> torch.Tensor:  # type: ignore[no-untyped-def]

@@ -1,0 +1,119 @@
+"""Run by tests/test_sharded_load.py under torchrun (2 ranks, gloo): load a local HF directory
+through the real sharded path (meta build -> FSDP2 fully_shard -> materialize reading only this
+rank's slices) and report what it measured. Not a test module itself.
+
+usage: torchrun --standalone --nproc_per_node=N sharded_load_worker.py OUT_JSON MODE:MODEL_DIR ...
+(tasks run in order in one process group; put `rss` first, before anything else was allocated)
+  rss:     host RSS of this rank before and at peak during the load (VmRSS / VmHWM)
+  compare: gather the full state dict from the FSDP2 module on rank 0 and compare it with
+           transformers' own single-process `from_pretrained`, tensor by tensor, bit for bit
+  qlora:   peft=qlora (bf16 storage): each rank's share of every NF4 state, the gathered NF4
+           states against quantising the file's weights in one process, and the loss of one
+           batch through the sharded module against the same module unsharded in one process
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    out, tasks = Path(sys.argv[1]), [t.split(":", 1) for t in sys.argv[2:]]
+    from ftcluster.distributed import init_distributed, shutdown
+
+    d = init_distributed()
+    results = [{"task": f"{mode}:{model_dir}", **(_qlora if mode == "qlora" else _load)(d, mode, model_dir)}
+               for mode, model_dir in tasks]
+    (out.parent / f"{out.stem}.rank{d.rank}.json").write_text(json.dumps(results))
+    shutdown()
+
+
+def _load(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def]
+    from ftcluster.config import JobConfig, LocalLauncherConfig, ModelConfig, TrainConfig
+    from ftcluster.metrics import host_rss_gib
+    from ftcluster.model import (CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model,
+                                 decoder_layer_classes, hf_key, materialize)
+    from ftcluster.parallel.fsdp import FSDP2Engine
+
+    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(),
+                    train=TrainConfig(dtype="fp32"))
+    hf_config = build_hf_config(job.model)
+    hf_model = build_meta_model(job.model, hf_config)
+    module = CausalLMWithLoss(model=apply_peft(hf_model, job), hf_model=hf_model, chunk_size=64)
+    rss_before = host_rss_gib()[0]
+    engine = FSDP2Engine(module, job=job, dist=d, layer_classes=decoder_layer_classes(hf_model),
+                         materialize=lambda m, dev: materialize(m, cfg=job.model, seed=0, device=dev))
+    rss_after, rss_peak = host_rss_gib()
+    local_bytes = sum(p.to_local().numel() * p.element_size() for p in engine.module.parameters())
+    result: dict = {"model_dir": model_dir, "rank": d.rank, "world_size": d.world_size, "rss_before_gib": rss_before,
+                    "rss_peak_gib": rss_peak, "rss_after_gib": rss_after, "local_param_bytes": local_bytes}
+    if mode == "compare":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if d.rank == 0:
+            from transformers import AutoModelForCausalLM
+
+            ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+            ours = {hf_key(k): v for k, v in full.items()}
+            result["keys_only_ours"] = sorted(set(ours) - set(ref))
+            result["keys_only_ref"] = sorted(set(ref) - set(ours))
+            result["mismatched"] = sorted(k for k in set(ours) & set(ref) if not torch.equal(ours[k], ref[k].float()))
+            result["compared"] = len(set(ours) & set(ref))
+    return result
+
+
+def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ftcluster.config import JobConfig, LocalLauncherConfig, ModelConfig, PeftConfig, TrainConfig
+    from ftcluster.model import (CausalLMWithLoss, SafetensorsSlices, apply_peft, build_hf_config, build_meta_model,
+                                 decoder_layer_classes, hf_key, materialize)
+    from ftcluster.parallel.fsdp import FSDP2Engine
+    from ftcluster.quant import is_nf4_param, nf4_weight_name, quantize_nf4
+
+    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(),
+                    peft=PeftConfig(method="qlora", rank=4, alpha=8.0), train=TrainConfig(dtype="bf16"))
+
+    def build() -> CausalLMWithLoss:
+        hf_model = build_meta_model(job.model, build_hf_config(job.model))
+        return CausalLMWithLoss(model=apply_peft(hf_model, job), hf_model=hf_model, chunk_size=64)
+
+    module = build()
+    layers = decoder_layer_classes(module.hf_model)
+    engine = FSDP2Engine(module, job=job, dist=d, layer_classes=layers,
+                         materialize=lambda m, dev: materialize(m, cfg=job.model, seed=0, device=dev))
+    nf4 = {n: p for n, p in engine.module.named_parameters() if is_nf4_param(n)}
+    shares = [p.to_local().numel() / p.numel() for p in nf4.values()]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 24), generator=g)
+    labels = torch.randint(0, 1000, (2, 24), generator=g)
+    loss = engine.forward(ids, labels).detach().float()
+    torch.distributed.all_reduce(loss)  # each rank fed the same batch: sum = world x loss
+    full = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    result: dict = {"rank": d.rank, "nf4_params": len(nf4), "nf4_dtypes": sorted({str(p.dtype) for p in nf4.values()}),
+                    "share_min": min(shares), "share_max": max(shares)}
+    if d.rank == 0:
+        reader = SafetensorsSlices(Path(model_dir))
+        # Bit for bit (as int16: the packed bytes seen as bf16 include NaN patterns, and NaN != NaN).
+        result["nf4_mismatched"] = [n for n in nf4 if not torch.equal(full[n].view(torch.int16), quantize_nf4(
+            reader.read(hf_key(nf4_weight_name(n)), ()), storage_dtype=torch.bfloat16).view(torch.int16))]
+        # The same module in one process, unsharded (frozen weights in bf16 as FSDP2 stores them).
+        single = build()
+        materialize(single, cfg=job.model, seed=0, device=torch.device("cpu"))
+        with torch.no_grad():
+            for p in single.parameters():
+                if not p.requires_grad and p.dtype != torch.bfloat16:
+                    p.data = p.data.to(torch.bfloat16)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref = single(ids, labels).float()
+        result["loss_sharded"] = loss.item() / d.world_size
+        result["loss_single"] = ref.item()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,433 @@
+"""launcher=slurm.
+
+1. Rendering, no Slurm: scripts for 4 nodes x 8 GPUs in both modes pass `bash -n`, hold the
+   directives, and, run by bash with stand-ins for srun/scontrol/python (a mock: this box has one
+   node and no GPU), issue the expected srun lines; the stop/requeue logic of the batch shell.
+2. The stop agreement without Slurm: 2 local ranks, SIGUSR1 to rank 1 only, both stop after the
+   same step with a committed checkpoint.
+3. The real Slurm (slurm/local-cluster.sh; started here if it is not running), on CPU, through the
+   real CLI: the issue's job commits step 8 (mode=ray, the default); `scancel --signal=USR1 --batch`
+   part-way leads to checkpoint, requeue and resume (mode=ray); a plain scancel saves a checkpoint
+   first (mode=torchrun); a failing job exits non-zero with its error in the run dir; a multirun
+   submits one job per point. All jobs are submitted up front and run side by side; a background
+   thread sends the signals as soon as each job has logged a step.
+
+Wall time on a loaded 2-core box: the Slurm part takes 3-4 minutes (the Ray jobs dominate)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli_env, committed_steps, events, explain, losses, records, run_cli
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+CPU_JOB = ["launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=0", "peft=lora"]
+
+
+# --- 1. rendering (no Slurm) ---------------------------------------------------------------------
+
+def _job(*overrides: str):  # type: ignore[no-untyped-def]
+    from hydra import compose, initialize_config_dir
+
+    from ftcluster.config import conf_dir, register_configs
+    from ftcluster.driver import to_job
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return to_job(compose("config", overrides=list(overrides)))
+
+
+BIG = ["launcher=slurm", "launcher.nodes=4", "launcher.gpus_per_node=8", "launcher.cpus_per_task=96",
+       "launcher.mem=0", "launcher.partition=gpu", "launcher.account=proj", "launcher.qos=high",
+       "launcher.time=2-00:00:00", "launcher.constraint='h100&ib'", "launcher.exclusive=true",
+       "launcher.signal_grace_s=600", "launcher.max_requeues=5",
+       "launcher.sbatch_extra=['--reservation=big','#SBATCH --mail-type=END']",
+       "+launcher.env.NCCL_SOCKET_IFNAME=ib0", "+launcher.env.NCCL_DEBUG=WARN",
+       "launcher.setup='module load cuda/12.4'"]
+
+STUB_SRUN = r"""#!/bin/bash
+echo "srun $*" >>"$STUB_LOG"
+while [[ $# -gt 0 && $1 == -* ]]; do shift; done   # drop srun's own options, run the command
+exec "$@"
+"""
+STUB_SCONTROL = r"""#!/bin/bash
+echo "scontrol $*" >>"$STUB_LOG"
+case "$1 $2" in
+  "show hostnames") printf 'gpu%03d\n' 1 2 3 4 ;;
+  "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.1.0.$((10#${3#gpu})) NodeHostName=$3" ;;
+esac
+exit 0
+"""
+# Stands in for the Python of the compute nodes: `ray start --block` waits to be stopped; the
+# training entry behaves as $STUB_MODE says.
+STUB_PYTHON = r"""#!/bin/bash
+echo "python $*" >>"$STUB_LOG"
+if [[ " $* " == *" ray.scripts.scripts start "* ]]; then
+  trap 'exit 0' TERM; while :; do sleep 0.1; done
+fi
+case $STUB_MODE in
+  ok) exit 0 ;;
+  fail) exit 3 ;;
+  saved) echo "step 5 /ckpt/step_5" >"$FTCLUSTER_PREEMPT_SAVED"; exit 0 ;;
+  preempt)  # the ranks: stop once asked (the request file), after a committed checkpoint
+    echo started >"$STUB_LOG.started"
+    for ((i = 0; i < 200; i++)); do
+      if [[ -e $FTCLUSTER_PREEMPT_REQUEST ]]; then echo "step 7 /ckpt/step_7" >"$FTCLUSTER_PREEMPT_SAVED"; exit 0; fi
+      sleep 0.1
+    done
+    exit 9 ;;
+esac
+"""
+
+
+def _stubs(tmp: Path) -> Path:
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL), ("python", STUB_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def _render(tmp: Path, *overrides: str) -> tuple[Path, Path, Path]:
+    """Render into tmp/run/slurm/submit-1 with the stub python; returns (script, run dir, stub bin)."""
+    from ftcluster.launch.slurm import render
+
+    bin_dir = _stubs(tmp)
+    run_dir, submit_dir = tmp / "run", tmp / "run/slurm/submit-1"
+    submit_dir.mkdir(parents=True)
+    job = _job(*overrides, f"launcher.python={bin_dir / 'python'}")
+    (submit_dir / "config.yaml").write_text("{}\n")
+    script = submit_dir / "job.sbatch"
+    script.write_text(render(job, run_dir=run_dir, submit_dir=submit_dir, workdir=tmp))
+    return script, run_dir, bin_dir
+
+
+def _run_script(script: Path, bin_dir: Path, mode: str, *, restart: int | None = None,
+                usr1_after_start: bool = False) -> tuple[int, list[str], str]:
+    log = bin_dir.parent / "stub.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "STUB_MODE": mode, "HOME": str(bin_dir.parent),
+           "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu[001-004]", "SLURM_JOB_NUM_NODES": "4",
+           "SLURM_CPUS_PER_TASK": "96"}
+    if restart is not None:
+        env["SLURM_RESTART_COUNT"] = str(restart)
+    p = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if usr1_after_start:
+        deadline = time.time() + 30
+        while not Path(f"{log}.started").exists():
+            assert time.time() < deadline and p.poll() is None, "the stand-in ranks never started"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=60)
+    return p.returncode, log.read_text().splitlines() if log.exists() else [], out
+
+
+@pytest.mark.parametrize("mode", ["torchrun", "ray"])
+def test_rendered_4x8_script(mode: str, tmp_path: Path) -> None:
+    script, run_dir, bin_dir = _render(tmp_path, *BIG, f"launcher.mode={mode}")
+    text = script.read_text()
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    directives = re.findall(r"^#SBATCH (.*)$", text, flags=re.M)
+    for d in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=1", "--cpus-per-task=96", "--mem=0",
+              "--partition=gpu", "--account=proj", "--qos=high", "--time=2-00:00:00", "--constraint=h100&ib",
+              "--exclusive", "--requeue", "--open-mode=append", "--signal=B:USR1@600", "--reservation=big",
+              "--mail-type=END", f"--output={run_dir}/slurm/submit-1/slurm-%j.out", f"--chdir={tmp_path}",
+              "--job-name=ftc-default"):
+        assert d in directives, (d, directives)
+    body = text[text.index("\n", text.rindex("#SBATCH")):]
+    assert "#SBATCH" not in body and not re.search(r"\{\{\w+\}\}", text)
+    assert "export NCCL_SOCKET_IFNAME=ib0" in text and "export NCCL_DEBUG=WARN" in text
+    assert "module load cuda/12.4" in text and "FTC_MAX_REQUEUES=5" in text
+
+    rc, log, out = _run_script(script, bin_dir, "ok")
+    assert rc == 0, out
+    srun = [ln for ln in log if ln.startswith("srun ")]
+    py = [ln for ln in log if ln.startswith("python ") and "slurm_job" in ln]
+    assert len(py) == 1, log
+    cfg = f"{run_dir}/slurm/submit-1/config.yaml"
+    if mode == "torchrun":
+        assert srun == ["srun --nodes=4 --ntasks=4 --ntasks-per-node=1 --cpus-per-task=96 --kill-on-bad-exit=1 "
+                        f"{bin_dir}/python -u -m ftcluster.launch.slurm_job torchrun {cfg} --run-dir {run_dir} "
+                        "--nnodes 4 --rdzv-endpoint 10.1.0.1:21234 --rdzv-id 1234.0"], log
+    else:
+        ray = f"{bin_dir}/python -m ray.scripts.scripts start --block --disable-usage-stats --num-gpus=8 --temp-dir=/tmp/ray-ftc-1234"
+        assert srun == [f"srun --nodes=1 --ntasks=1 --nodelist=gpu001 --overlap {ray} --head --port=41234 --dashboard-port=41235",
+                        f"srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --exclude=gpu001 --overlap {ray} --address=10.1.0.1:41234"], log
+        assert py == [f"python -u -m ftcluster.launch.slurm_job ray {cfg} --run-dir {run_dir} --address 10.1.0.1:41234 "
+                      "--nodes 4 --wait-s 300"], log
+        assert not list((run_dir / "slurm/submit-1").glob("ray-token.*")), "the job's Ray token must be removed"
+    assert not [ln for ln in log if "requeue" in ln]
+    assert "training finished" in out
+
+
+def test_script_requeues_after_the_preemption_checkpoint(tmp_path: Path) -> None:
+    script, run_dir, bin_dir = _render(tmp_path, *BIG, "launcher.mode=torchrun")
+    rc, log, out = _run_script(script, bin_dir, "preempt", usr1_after_start=True)
+    assert rc == 0, out
+    assert "USR1: asking every rank to checkpoint and stop" in out
+    assert (run_dir / "slurm/submit-1/preempt-request.1234.0").exists()
+    assert log[-1] == "scontrol requeue 1234", log  # the last thing the job does
+    assert "requeueing job 1234 (requeue 1 of 5)" in out
+
+
+@pytest.mark.parametrize("mode,restart,expect_rc", [("saved", 5, 75), ("fail", 0, 3), ("fail", 2, 3)])
+def test_script_exit_status(mode: str, restart: int, expect_rc: int, tmp_path: Path) -> None:
+    """max_requeues reached: no requeue, exit 75. A failed training: its exit status, no requeue."""
+    script, _, bin_dir = _render(tmp_path, *BIG, "launcher.mode=ray")
+    rc, log, out = _run_script(script, bin_dir, mode, restart=restart)
+    assert rc == expect_rc, out
+    assert not [ln for ln in log if "requeue" in ln], log
+    if mode == "saved":
+        assert "not requeueing: launcher.max_requeues=5 reached" in out
+    else:
+        assert "training failed (exit 3)" in out
+
+
+def test_dry_run_renders_without_submitting(tmp_path: Path) -> None:
+    run = tmp_path / "X"
+    p = run_cli("train", *CPU_JOB, "launcher.dry_run=true", f"run.dir={run}", cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    assert "#SBATCH --requeue" in p.stdout and "nothing submitted" in p.stdout
+    assert (run / "slurm/dry-run/job.sbatch").is_file() and (run / "slurm/dry-run/config.yaml").is_file()
+    assert not list((run / "slurm").glob("submit-*"))
+
+
+@pytest.mark.parametrize("override,key", [("launcher.mode=mpi", "launcher.mode"),
+                                          ("launcher.time=5", "launcher.signal_grace_s"),
+                                          ("+launcher.env.HF_TOKEN=x", "launcher.env.HF_TOKEN"),
+                                          ("launcher.sbatch_extra=['reservation=big']", "launcher.sbatch_extra[0]")])
+def test_config_errors_name_the_key(override: str, key: str, tmp_path: Path) -> None:
+    p = run_cli("train", *CPU_JOB, override, "launcher.dry_run=true", f"run.dir={tmp_path / 'X'}", cwd=tmp_path)
+    assert p.returncode == 2 and key in p.stderr, explain(p)
+
+
+# --- 2. the stop agreement without Slurm ----------------------------------------------------------
+
+def _pids_holding(path: Path) -> list[int]:
+    """Processes with `path` open (rank r keeps logs/rank<r>.log open)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == str(path) for fd in (d / "fd").iterdir()):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_usr1_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    run, saved = tmp_path / "X", tmp_path / "saved"
+    env = cli_env(FTCLUSTER_PREEMPT_SAVED=str(saved))
+    p = subprocess.Popen([sys.executable, "-m", "ftcluster", "train", "launcher.nproc_per_node=2", "peft=lora",
+                          "train.max_steps=400", "checkpoint.every_steps=0", f"run.dir={run}"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not losses(run):
+            assert p.poll() is None and time.time() < deadline, p.communicate()[0][-3000:]
+            time.sleep(0.2)
+        rank1 = _pids_holding(run / "logs/rank1.log")
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGUSR1)  # rank 1 only: rank 0 learns of it through the all-reduce
+        out, _ = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-3000:]
+    stop = events(run, "preempted")
+    assert len(stop) == 1, out[-3000:]
+    step = stop[0]["step"]
+    assert step < 400 and committed_steps(run) == [step]
+    meta = json.loads((run / f"checkpoints/step_{step}/meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == step
+    assert saved.read_text().startswith(f"step {step} ")
+    assert not events(run, "end") and max(losses(run)) == step
+
+
+# --- 3. the real Slurm ----------------------------------------------------------------------------
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    p = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return p.returncode == 0 and any(s.rstrip("*") in ("idle", "mixed", "allocated", "completing")
+                                     and not s.endswith("*") for s in p.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    """The one-node local Slurm: running already (CI's .ci/run starts it), or started here."""
+    if _slurm_up():
+        return
+    if os.geteuid() != 0:
+        pytest.skip("SLURM TESTS SKIPPED: no running Slurm and not root, so slurm/local-cluster.sh cannot start one")
+    if shutil.which("sinfo") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM TESTS SKIPPED: Slurm is not installed and apt-get is unavailable to install it")
+    p = subprocess.run(["bash", str(REPO / "slurm/local-cluster.sh"), "start"], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0 and _slurm_up(), f"slurm/local-cluster.sh start failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+
+
+def job_state(job_id: str) -> tuple[str, str, int]:
+    """(state, exit code 'rc:signal', restarts) from `scontrol show job`."""
+    p = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    f = dict(re.findall(r"(\w+)=(\S+)", p.stdout))
+    return f.get("JobState", "?"), f.get("ExitCode", "?"), int(f.get("Restarts", "0"))
+
+
+def wait_job(job_id: str, *, deadline: float) -> tuple[str, str, int]:
+    while True:
+        state = job_state(job_id)
+        if state[0] in TERMINAL:
+            return state
+        assert time.time() < deadline, f"job {job_id} still {state} at the deadline"
+        time.sleep(1)
+
+
+def _job_ids(out: str) -> list[str]:
+    return re.findall(r"submitted Slurm job (\d+)", out)
+
+
+class Jobs:
+    """Every Slurm job of this module, submitted at once, plus the signals sent to them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ids: dict[str, str] = {}
+        self.runs: dict[str, Path] = {}
+        self.out: dict[str, str] = {}
+        self.signalled: dict[str, int] = {}  # name -> the last logged step seen when the signal went
+        self.errors: list[str] = []
+        self.deadline = time.time() + 480
+
+    def submit(self, name: str, *args: str, run: Path | None = None) -> None:
+        run = run or self.root / name
+        p = run_cli("train", *args, f"run.dir={run}", cwd=self.root)
+        assert p.returncode == 0, explain(p)
+        ids = _job_ids(p.stdout)
+        assert ids, explain(p)
+        self.ids[name], self.runs[name], self.out[name] = ids[0], run, p.stdout
+
+    def signal_after_first_step(self, name: str, scancel_args: list[str]) -> None:
+        def go() -> None:
+            try:
+                run, job_id = self.runs[name], self.ids[name]
+                while not losses(run):
+                    if time.time() > self.deadline or job_state(job_id)[0] in TERMINAL:
+                        self.errors.append(f"{name}: no step logged before the job ended or the deadline")
+                        return
+                    time.sleep(0.3)
+                self.signalled[name] = max(losses(run))
+                subprocess.run(["scancel", *scancel_args, job_id], check=True, timeout=30)
+            except Exception as e:  # noqa: BLE001 - reported by the test that needs it
+                self.errors.append(f"{name}: {e!r}")
+
+        threading.Thread(target=go, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Jobs:
+    j = Jobs(tmp_path_factory.mktemp("slurm"))
+    # The issue's job (mode=ray, the default).
+    j.submit("done", *CPU_JOB, "train.max_steps=8", "checkpoint.every_steps=4")
+    # Long enough to be signalled part-way: USR1 to the batch shell -> checkpoint -> requeue -> resume.
+    j.submit("usr1", *CPU_JOB, "train.max_steps=200", "checkpoint.every_steps=100")
+    j.signal_after_first_step("usr1", ["--signal=USR1", "--batch"])
+    # A plain scancel (SIGTERM to every process): best-effort checkpoint, then the end.
+    j.submit("term", *CPU_JOB, "launcher.mode=torchrun", "train.max_steps=400", "checkpoint.every_steps=0")
+    j.signal_after_first_step("term", [])
+    j.submit("fail", *CPU_JOB, "launcher.mode=torchrun", "train.max_steps=4", "debug.fail_at_step=2",
+             "debug.fail_rank=0")
+    p = run_cli("train", "-m", "optim.lr=1e-3,3e-3", *CPU_JOB, "launcher.mode=torchrun", "train.max_steps=2",
+                "checkpoint.every_steps=2", f"run.dir={j.root / 'sweep'}", cwd=j.root)
+    assert p.returncode == 0, explain(p)
+    j.out["sweep"] = p.stdout
+    return j
+
+
+def test_job_trains_to_a_committed_checkpoint(jobs: Jobs) -> None:
+    """The issue's command: prints a job id and ends with a committed step-8 checkpoint."""
+    run, job_id = jobs.runs["done"], jobs.ids["done"]
+    assert f"submitted Slurm job {job_id}" in jobs.out["done"] and "slurm-" in jobs.out["done"]
+    state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
+    out = run / f"slurm/submit-1/slurm-{job_id}.out"
+    assert (state, code, restarts) == ("COMPLETED", "0:0", 0), out.read_text()[-4000:]
+    assert committed_steps(run) == [4, 8]
+    assert sorted(losses(run)) == list(range(1, 9))
+    assert {p.name for p in (run / "slurm/submit-1").iterdir()} >= {"job.sbatch", "config.yaml", "job_id", out.name}
+    assert (run / "slurm/submit-1/config.yaml").read_text() == (run / "config.yaml").read_text()
+    assert "training finished" in out.read_text() and (run / "logs/rank0.log").is_file()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(jobs: Jobs) -> None:
+    run, job_id = jobs.runs["usr1"], jobs.ids["usr1"]
+    state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
+    out = (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()
+    assert not jobs.errors, jobs.errors
+    assert (state, code, restarts) == ("COMPLETED", "0:0", 1), out[-4000:]
+    stopped = events(run, "preempted")
+    assert len(stopped) == 1 and stopped[0]["step"] >= jobs.signalled["usr1"], (stopped, jobs.signalled)
+    step = stopped[0]["step"]
+    assert step < 200, "the signal came too late to test anything"
+    resumed = events(run, "resume")
+    assert len(resumed) == 1 and resumed[0]["step"] == step
+    assert f"checkpoints/step_{step}" in resumed[0]["checkpoint"]
+    assert sorted(losses(run)) == list(range(1, 201)) and events(run, "end")[0]["step"] == 200
+    assert committed_steps(run) == [100, 200]
+    assert f"requeueing job {job_id} (requeue 1 of 3)" in out and f"job {job_id} (run 1)" in out
+    assert (run / f"slurm/submit-1/preempt-saved.{job_id}.0").read_text().startswith(f"step {step} ")
+
+
+def test_scancel_saves_a_checkpoint_before_the_job_ends(jobs: Jobs) -> None:
+    run, job_id = jobs.runs["term"], jobs.ids["term"]
+    state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
+    out = (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()
+    assert not jobs.errors, jobs.errors
+    assert state == "CANCELLED" and restarts == 0, (state, code, out[-4000:])
+    stopped = events(run, "terminated")
+    assert len(stopped) == 1, out[-4000:]
+    step = stopped[0]["step"]
+    assert jobs.signalled["term"] <= step < 400
+    assert committed_steps(run) == [step]  # checkpoint.every_steps=0: only the SIGTERM one
+    assert not events(run, "end")
+
+
+def test_failing_job_exits_nonzero_with_its_error_in_the_run_dir(jobs: Jobs) -> None:
+    run, job_id = jobs.runs["fail"], jobs.ids["fail"]
+    state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
+    out = (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()
+    assert state == "FAILED" and code == "1:0" and restarts == 0, (state, code, out[-4000:])
+    assert "InjectedFailure" in (run / "logs/rank0.error").read_text()
+    assert "training failed" in out and "rank 0: " in out
+    assert committed_steps(run) == []
+
+
+def test_multirun_submits_one_job_per_point(jobs: Jobs) -> None:
+    out = jobs.out["sweep"]
+    ids = _job_ids(out)
+    assert len(ids) == 2 and len(set(ids)) == 2, out
+    sweep = jobs.root / "sweep"
+    for n, (job_id, lr) in enumerate(zip(ids, (1e-3, 3e-3))):
+        run = sweep / str(n)
+        assert f"run dir {run}" in out
+        assert (run / "slurm/submit-1/job_id").read_text().strip() == job_id
+        state, code, _ = wait_job(job_id, deadline=jobs.deadline)
+        assert (state, code) == ("COMPLETED", "0:0"), (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()[-3000:]
+        assert committed_steps(run) == [2]
+        cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+        assert cfg["optim"]["lr"] == lr and cfg["run"]["dir"] == str(run)
+    assert (sweep / "multirun.yaml").is_file()
+    assert all(not r for r in (records(sweep),))  # the sweep dir itself is no run dir
