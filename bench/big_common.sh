@@ -10,12 +10,17 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
   free -g | head -2; df -h "$WORK" | tail -1
 } 2>&1 | tee -a "$OUT/env.txt"
 
+# SMOKE=1: the same commands on a tiny model of the same architecture (a CPU check of the scripts).
+SMOKE_ARGS=()
+[ "${SMOKE:-0}" = 1 ] && SMOKE_ARGS=(model.vocab_size=512 model.hidden_size=64 model.intermediate_size=128
+  model.num_layers=2 model.num_heads=4 model.num_kv_heads=2 data.max_seq_len=64)
+
 # train NAME TIMEOUT_S overrides...: one `ftcluster train`, its log in $OUT/NAME.log, run dir in $WORK/NAME.
 train() {
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  echo "== $name: python3 -m ftcluster train $* run.dir=$WORK/$name" | tee -a "$OUT/commands.txt"
-  timeout "$limit" python3 -m ftcluster train "$@" run.dir="$WORK/$name" > "$OUT/$name.log" 2>&1
+  echo "== $name: python3 -m ftcluster train $* ${SMOKE_ARGS[*]} run.dir=$WORK/$name" | tee -a "$OUT/commands.txt"
+  timeout "$limit" python3 -m ftcluster train "$@" "${SMOKE_ARGS[@]}" run.dir="$WORK/$name" > "$OUT/$name.log" 2>&1
   local rc=$?
   cp "$WORK/$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
   for f in "$WORK/$name"/logs/rank*.error; do [ -f "$f" ] && cp "$f" "$OUT/$name.$(basename "$f")"; done

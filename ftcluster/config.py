@@ -339,7 +339,8 @@ class RayLauncherConfig:
     """GPUs per worker: 1, 0 (CPU workers, gloo), or `auto` (1 when the cluster has GPUs, 0 when
     it has none). Each rank drives one device, so more than 1 is refused."""
     cpus_per_worker: int = 1
-    """Logical CPUs reserved per worker; Ray also sets OMP_NUM_THREADS to it."""
+    """Logical CPUs reserved per worker. Ray sets the workers' OMP_NUM_THREADS to it, unless the
+    driver's environment sets OMP_NUM_THREADS (forwarded to the workers)."""
     placement_strategy: str = "PACK"
     """How the workers' resource bundles are placed: PACK (as few nodes as possible), SPREAD,
     STRICT_PACK (one node or fail), STRICT_SPREAD (one worker per node)."""

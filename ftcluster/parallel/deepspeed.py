@@ -9,17 +9,20 @@ merged config goes through DeepSpeed's own config model in the driver, before an
 Mixed precision, compared with FSDP2 (parallel/fsdp.py):
   * compute in bf16: both run forward/backward with bf16 copies of the weights; buffers (rotary
     frequencies) stay fp32 in both.
-  * master weights and optimizer state in fp32: both. DeepSpeed builds its fp32 master copies from
-    the bf16 module, so a weight whose initial value is not representable in bf16 (random init,
-    LoRA A matrices; never a weight loaded from a bf16 checkpoint) starts its fp32 master at the
-    bf16-rounded value, where FSDP2 keeps the exact fp32 value. The step-1 loss is identical
-    (both compute with the same bf16 weights); later steps differ by that rounding only.
+  * master weights and optimizer state in fp32: both. DeepSpeed would build its fp32 master copies
+    from the bf16 module (so a weight not representable in bf16 -- random init, LoRA A, an fp32
+    checkpoint -- would start at its bf16-rounded value); we fill trainable weights in fp32 first
+    and write those exact values into DeepSpeed's masters after it has built them, so both backends
+    start from the same fp32 masters. Cost: until then ZeRO-1/2 hold a full fp32 copy of the
+    trainable weights per rank (ZeRO-3: this rank's partition).
   * gradient reduction in `parallel.reduce_dtype` (fp32 by default): DeepSpeed's
     `communication_data_type`. Accumulation over micro-batches: fp32 for zero2/zero3
     (`data_types.grad_accum_dtype`), like FSDP2's fp32 sharded gradients. zero1 accumulates in
     DeepSpeed's BF16_Optimizer, also in fp32.
   * frozen weights (LoRA base) are bf16 in both; ZeRO-1/2 keep them replicated on every rank (only
     ZeRO-3 partitions parameters), FSDP2 shards them.
+  * clipping: the same global L2 norm of the reduced fp32 gradients; DeepSpeed divides by
+    (norm + 1e-6) / max_norm where torch multiplies by max_norm / (norm + 1e-6): equal up to rounding.
 
 Loss scaling: the loop scales each micro-batch loss by world_size / global_tokens and expects
 gradients averaged over ranks. DeepSpeed averages over ranks too (gradient_average), but
@@ -42,14 +45,19 @@ train.grad_clip > 0); with offload the norm and the update run on the host anywa
 
 ZeRO-3 construction: the module arrives on the meta device. Parameters are converted to ZeRO-3
 partitions one decoder layer at a time (each layer is allocated in full, uninitialised, then
-partitioned and freed: a rank never holds more than one layer, or the embedding table), then
-`materialize` fills each rank's partition: from the slices of the safetensors files it owns, or
-from the same seeded init rules as FSDP2 (model.py), so the same seed gives the same weights.
+partitioned and freed: a rank never holds more than one layer, or the embedding table; DeepSpeed's
+conversion broadcasts each tensor from rank 0 on the way, one pass over the model's bytes), then
+`materialize` fills each rank's partition: from the rows of the safetensors files that cover it,
+or from the same seeded init rules as FSDP2 (model.py), so the same seed gives the same weights.
+Tied input/output embeddings stay one parameter.
 
 Checkpoints: DeepSpeed's own sharded save (`save_checkpoint`, tag `ds`) inside the checkpoint
-manager's temporary directory; frozen weights are not saved (they are rebuilt from the model
-source). Loading at another world size converts the checkpoint to DeepSpeed's universal format
-first (`ds_to_universal`, run once by rank 0 into `<engine dir>/universal`, published by rename)
+manager's temporary directory, so its commit protocol, retention and resume=auto apply unchanged.
+Frozen weights (an adapter run's base model) are not saved: they are rebuilt from model.path / the
+seed on resume, so the model source must not change between a run and its resume (FSDP2 saves
+them). Loading at another world size converts the checkpoint to DeepSpeed's universal format first
+(`ds_to_universal` in a subprocess of rank 0, into `<engine dir>/universal`, published by rename
+and reused by later loads; the other ranks wait in a barrier, bounded by the process-group timeout)
 and loads that.
 """
 from __future__ import annotations
@@ -316,8 +324,10 @@ class DeepSpeedEngine:
             # The loss head reads the output projection's weight outside lm_head.forward: gather it
             # with the root module's forward and backward.
             deepspeed.zero.register_external_parameter(module, module.hf_model.get_output_embeddings().weight)
-        # ZeRO-1/2: every rank allocates the full model (it is replicated); ZeRO-3: each rank fills
-        # its own partitions.
+        else:
+            # Every rank allocates the full model (ZeRO-1/2 replicate it), keeping tied weights tied.
+            _to_empty_keep_ties(list(module.modules()), _ties(module), dist.device)
+        # ZeRO-3: each rank fills its own partitions.
         materialize(module, dist.device)
         exact = _to_compute_dtype(module, compute, zero3=self.stage == 3)
 
@@ -361,7 +371,9 @@ class DeepSpeedEngine:
     def step(self, *, lr: float, skip: torch.Tensor) -> None:
         set_lr(self.inner, lr)
         if isinstance(self.inner, torch.optim.AdamW):
-            self.inner.found_inf = skip.to(torch.float32)  # fused kernel: skipped on the device
+            # Fused kernel: skipped where the fp32 partitions live (host memory with cpu_offload).
+            where = self.inner.param_groups[0]["params"][0].device
+            self.inner.found_inf = skip.to(device=where, dtype=torch.float32)
         else:
             self._skip_on_host = bool(skip)  # the one extra host sync of DeepSpeed's own optimizers
         self.ds.step()
@@ -407,14 +419,35 @@ def _partition_zero3(module: nn.Module, *, ds_config: dict[str, Any], layer_clas
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
+    ties = _ties(module)
     groups = [m for m in module.modules() if type(m).__name__ in layer_classes] + [module]
     for group in groups:
         owners = [m for m in group.modules() if any(p.is_meta and not is_zero_param(p) for p in m.parameters(recurse=False))]
         if not owners:
             continue
-        for m in owners:
-            m.to_empty(device=device, recurse=False)
+        _to_empty_keep_ties(owners, ties, device)
         deepspeed.zero.Init(module=group, config_dict_or_path=ds_config)
+
+
+def _ties(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters registered under several modules (tied input and output embeddings)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, name))
+    return [v for v in owners.values() if len(v) > 1]
+
+
+def _to_empty_keep_ties(modules: list[nn.Module], ties: list[list[tuple[nn.Module, str]]], device: torch.device) -> None:
+    """`to_empty` of these modules' own parameters. Moving off the meta device makes new Parameter
+    objects, one per owning module, which would untie tied weights: re-register the first."""
+    for m in modules:
+        m.to_empty(device=device, recurse=False)
+    for owners in ties:
+        first = owners[0][0]._parameters[owners[0][1]]
+        for m, name in owners[1:]:
+            m._parameters[name] = first
 
 
 def _to_compute_dtype(module: nn.Module, compute: torch.dtype, *, zero3: bool) -> dict[nn.Parameter, torch.Tensor]:
