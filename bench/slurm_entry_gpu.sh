@@ -16,9 +16,13 @@ rm -rf "$w"
 mkdir -p "$w"
 log() { printf '%s %s\n' "$(date +%T)" "$*" | tee -a "$out/summary.txt"; }
 events() { python3 -c 'import json,sys; print([ (r["event"], r.get("step")) for r in map(json.loads, open(sys.argv[1])) if "event" in r])' "$1/metrics.jsonl"; }
-wait_step() { # run dir, seconds: until metrics.jsonl has a logged step
+wait_step() { # run dir, seconds, pid: until metrics.jsonl has a logged step (or the pid is gone)
   local i
-  for ((i = 0; i < $2 * 5; i++)); do grep -q '"loss"' "$1/metrics.jsonl" 2>/dev/null && return 0; sleep 0.2; done
+  for ((i = 0; i < $2 * 5; i++)); do
+    grep -q '"loss"' "$1/metrics.jsonl" 2>/dev/null && return 0
+    kill -0 "$3" 2>/dev/null || return 1
+    sleep 0.2
+  done
   return 1
 }
 render() { # run dir, extra overrides...: the resolved config a submission would save
@@ -37,7 +41,7 @@ export FTCLUSTER_PREEMPT_REQUEST=$w/request.0 FTCLUSTER_PREEMPT_SAVED=$w/saved.0
 python3 -u -m ftcluster.launch.slurm_job torchrun "$cfg" --run-dir "$run" --nnodes 1 \
   --rdzv-endpoint 127.0.0.1:29555 --rdzv-id gpu.0 >"$out/torchrun-0.log" 2>&1 &
 pid=$!
-wait_step "$run" 240 || log "FAIL: no step logged"
+wait_step "$run" 240 "$pid" || log "FAIL: no step logged"
 touch "$FTCLUSTER_PREEMPT_REQUEST"
 wait $pid; rc=$?
 log "torchrun preempt: exit $rc, saved: $(cat "$FTCLUSTER_PREEMPT_SAVED" 2>/dev/null || echo MISSING)"
@@ -60,7 +64,7 @@ export FTCLUSTER_PREEMPT_REQUEST=$w/request.t FTCLUSTER_PREEMPT_SAVED=$w/saved.t
 setsid python3 -u -m ftcluster.launch.slurm_job torchrun "$run/slurm/dry-run/config.yaml" --run-dir "$run" \
   --nnodes 1 --rdzv-endpoint 127.0.0.1:29557 --rdzv-id gpu.t >"$out/term.log" 2>&1 &
 pid=$!
-wait_step "$run" 240 || log "FAIL: no step logged"
+wait_step "$run" 240 "$pid" || log "FAIL: no step logged"
 kill -TERM -- -"$pid"
 wait $pid; rc=$?
 log "torchrun SIGTERM: exit $rc, events $(events "$run" | cut -c1-300), committed $(ls "$run/checkpoints" 2>/dev/null)"
@@ -75,7 +79,7 @@ head=$!
 python3 -u -m ftcluster.launch.slurm_job ray "$run/slurm/dry-run/config.yaml" --run-dir "$run" \
   --address 127.0.0.1:6399 --nodes 1 --wait-s 120 >"$out/ray.log" 2>&1 &
 pid=$!
-wait_step "$run" 300 || log "FAIL: no step logged"
+wait_step "$run" 300 "$pid" || log "FAIL: no step logged"
 touch "$FTCLUSTER_PREEMPT_REQUEST"
 wait $pid; rc=$?
 log "ray preempt: exit $rc, saved: $(cat "$FTCLUSTER_PREEMPT_SAVED" 2>/dev/null || echo MISSING)"

@@ -2,11 +2,14 @@
 
 Layout of a committed checkpoint `<run.dir>/checkpoints/step_<N>/`:
   engine/         model + optimizer, sharded, written by the parallel backend (FSDP2: torch.distributed
-                  .checkpoint, which reshards on load)
+                  .checkpoint, which reshards on load). With checkpoint.adapter_only (the default) the
+                  model part holds only trainable parameters: an adapter run's frozen base is rebuilt
+                  from model.path / the seed before loading, so a 70B LoRA checkpoint is megabytes.
   rank_<r>.pt     per-rank state (RNG, data position as seen by that rank); tensors and plain types
                   only, loaded with weights_only=True
   config.yaml     the resolved config of the run that wrote it
-  meta.json       step, tokens seen, world size, data position, logger run id. Written last.
+  meta.json       step, tokens seen, world size, data position, logger run id, adapter_only, the device
+                  type seeded weights were made on (for `ftcluster export`). Written last.
 
 Commit protocol: every rank writes into `checkpoints/.tmp-step_<N>/`; after a barrier (every rank
 finished) rank 0 writes meta.json, fsyncs, and renames the directory to `step_<N>` (atomic on POSIX

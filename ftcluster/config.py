@@ -280,7 +280,8 @@ class ParallelConfig:
     """Further DeepSpeed config keys, merged recursively over the config ftcluster generates and
     checked by DeepSpeed's own config model when the job is validated (before any process starts).
     Keys ftcluster owns (batch sizes, accumulation, clipping, precision, ZeRO stage and offload,
-    optimizer, scheduler) are refused there: set them through their typed fields."""
+    optimizer, scheduler) are refused there: set them through their typed fields. On the command
+    line new keys take Hydra's `+`: `+parallel.deepspeed_overrides.zero_optimization.sub_group_size=100000000`."""
 
     def validate(self) -> None:
         _one_of(self.backend, "parallel.backend", PARALLEL_BACKENDS)

@@ -412,14 +412,31 @@ def write_adapter(out: Path, *, source: Source, module: nn.Module, state: Engine
 
 def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf16", max_shard_size: str = "5GB") -> dict:
     """Export a checkpoint (or a run dir's newest one) to `out` (created; must not hold files).
-    Returns a summary (also written to `out/ftcluster_export.json`)."""
+    Everything is written into a temporary sibling directory renamed to `out` at the end, so an
+    interrupted export never leaves a half-written model under that name. Returns a summary (also
+    written to `out/ftcluster_export.json`)."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out}: exists and is not empty; choose a new output directory")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        summary = _export(checkpoint, tmp, final=out, merge=merge, dtype=dtype, max_shard_size=max_shard_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.rename(tmp, out)
+    return summary
+
+
+def _export(checkpoint: Path, out: Path, *, final: Path, merge: bool, dtype: str, max_shard_size: str) -> dict:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: one of {', '.join(DTYPES)}; got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
     source = load_source(checkpoint)
     job = source.job
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out}: exists and is not empty; choose a new output directory")
     method = job.peft.method
     if job.model.init == "pretrained" and not (job.model.path and Path(job.model.path).is_dir()):
         raise ExportError(f"model.path: the run's base model directory {job.model.path} is gone; it is needed for the "
@@ -464,7 +481,7 @@ def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf
             write_model(base_dir, entries=base_entries, base=unquantised, state=_Empty(), dtype=tdtype,
                         max_bytes=max_bytes, merge=False, what="base")
             write_hf_extras(base_dir, source=source, hf_model=hf_model, dtype=tdtype)
-            base_ref = str(base_dir.resolve())
+            base_ref = str(final / "base")  # where it will be once the export is renamed into place
             notes.append(f"the run started from random weights (seed {job.seed}): wrote them to {base_ref}")
         else:
             base_ref = str(Path(job.model.path).resolve())

@@ -297,8 +297,13 @@ def _gather_host_rss(d: Dist, *, before: float) -> dict:
 def _check_finite(pending_bad: torch.Tensor, step: int, *, loss: float | None = None, grad_norm: float | None = None) -> None:
     if bool(pending_bad.item()):
         detail = "" if loss is None else f" (loss={loss}, grad_norm={grad_norm})"
-        raise NonFiniteError(f"non-finite loss or gradient at or before step {step}{detail}: that step's update was "
-                             "not applied and no checkpoint was written after it; lower optim.lr or check the data")
+        msg = (f"non-finite loss or gradient at or before step {step}{detail}: that step's update was "
+               "not applied and no checkpoint was written after it; lower optim.lr or check the data")
+        # Every rank reaches this at the same step (the flag is global). Log first, then meet at a
+        # barrier, so that whichever rank the launcher reports, every rank has recorded the stop.
+        log.error(msg)
+        barrier()
+        raise NonFiniteError(msg)
 
 
 def _maybe_inject_failure(job: JobConfig, run_dir: Path, d: Dist, step: int) -> None:

@@ -8,8 +8,9 @@ usage: torchrun --standalone --nproc_per_node=N sharded_load_worker.py OUT_JSON 
   compare: gather the full state dict from the FSDP2 module on rank 0 and compare it with
            transformers' own single-process `from_pretrained`, tensor by tensor, bit for bit
   qlora:   peft=qlora (bf16 storage): each rank's share of every NF4 state, the gathered NF4
-           states against quantising the file's weights in one process, and the loss of one
-           batch through the sharded module against the same module unsharded in one process
+           states against quantising the file's weights in one process, and the loss and LoRA
+           gradients of one batch through the sharded module against the same module unsharded
+           in one process (qlora32: the same in fp32, with activation checkpointing)
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def main() -> None:
     from ftcluster.distributed import init_distributed, shutdown
 
     d = init_distributed()
-    results = [{"task": f"{mode}:{model_dir}", **(_qlora if mode == "qlora" else _load)(d, mode, model_dir)}
+    results = [{"task": f"{mode}:{model_dir}", **(_qlora if mode.startswith("qlora") else _load)(d, mode, model_dir)}
                for mode, model_dir in tasks]
     (out.parent / f"{out.stem}.rank{d.rank}.json").write_text(json.dumps(results))
     shutdown()
@@ -67,51 +68,79 @@ def _load(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def]
 
 
 def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def]
+    """qlora: bf16 storage and compute; qlora32: fp32, with activation checkpointing (recompute)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ftcluster.config import JobConfig, LocalLauncherConfig, ModelConfig, PeftConfig, TrainConfig
-    from ftcluster.model import (CausalLMWithLoss, SafetensorsSlices, apply_peft, build_hf_config, build_meta_model,
-                                 decoder_layer_classes, hf_key, materialize)
+    from ftcluster.model import (CausalLMWithLoss, SafetensorsSlices, _local_slice, apply_peft, build_hf_config,
+                                 build_meta_model, decoder_layer_classes, hf_key, materialize)
     from ftcluster.parallel.fsdp import FSDP2Engine
     from ftcluster.quant import is_nf4_param, nf4_weight_name, quantize_nf4
 
+    fp32 = mode == "qlora32"
+    dtype = torch.float32 if fp32 else torch.bfloat16
     job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(),
-                    peft=PeftConfig(method="qlora", rank=4, alpha=8.0), train=TrainConfig(dtype="bf16"))
+                    peft=PeftConfig(method="qlora", rank=4, alpha=8.0), train=TrainConfig(dtype="fp32" if fp32 else "bf16"))
 
     def build() -> CausalLMWithLoss:
         hf_model = build_meta_model(job.model, build_hf_config(job.model))
-        return CausalLMWithLoss(model=apply_peft(hf_model, job), hf_model=hf_model, chunk_size=64)
+        trained = apply_peft(hf_model, job)
+        if fp32:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return CausalLMWithLoss(model=trained, hf_model=hf_model, chunk_size=64)
+
+    def fill_lora_b(m: torch.nn.Module) -> None:
+        # peft starts B at zero, which makes every A gradient zero: give B values (same on all ranks).
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if ".lora_B." in n:
+                    local, index, _ = _local_slice(p)
+                    full = torch.empty(p.shape).normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+                    local.copy_(full[index])
 
     module = build()
-    layers = decoder_layer_classes(module.hf_model)
-    engine = FSDP2Engine(module, job=job, dist=d, layer_classes=layers,
+    engine = FSDP2Engine(module, job=job, dist=d, layer_classes=decoder_layer_classes(module.hf_model),
                          materialize=lambda m, dev: materialize(m, cfg=job.model, seed=0, device=dev))
+    fill_lora_b(engine.module)
     nf4 = {n: p for n, p in engine.module.named_parameters() if is_nf4_param(n)}
     shares = [p.to_local().numel() / p.numel() for p in nf4.values()]
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 1000, (2, 24), generator=g)
     labels = torch.randint(0, 1000, (2, 24), generator=g)
-    loss = engine.forward(ids, labels).detach().float()
-    torch.distributed.all_reduce(loss)  # each rank fed the same batch: sum = world x loss
+    loss = engine.forward(ids, labels)
+    loss.backward()  # each rank fed the same batch: the rank-averaged gradient is the batch's
+    loss = loss.detach().float()
+    torch.distributed.all_reduce(loss)
+    grads = {n: p.grad.full_tensor() for n, p in engine.module.named_parameters() if p.requires_grad}
     full = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     result: dict = {"rank": d.rank, "nf4_params": len(nf4), "nf4_dtypes": sorted({str(p.dtype) for p in nf4.values()}),
                     "share_min": min(shares), "share_max": max(shares)}
     if d.rank == 0:
         reader = SafetensorsSlices(Path(model_dir))
-        # Bit for bit (as int16: the packed bytes seen as bf16 include NaN patterns, and NaN != NaN).
-        result["nf4_mismatched"] = [n for n in nf4 if not torch.equal(full[n].view(torch.int16), quantize_nf4(
-            reader.read(hf_key(nf4_weight_name(n)), ()), storage_dtype=torch.bfloat16).view(torch.int16))]
-        # The same module in one process, unsharded (frozen weights in bf16 as FSDP2 stores them).
+        # Bit for bit (as ints: the packed bytes seen as bf16/fp32 include NaN patterns, and NaN != NaN).
+        ints = torch.int32 if fp32 else torch.int16
+        result["nf4_mismatched"] = [n for n in nf4 if not torch.equal(full[n].view(ints), quantize_nf4(
+            reader.read(hf_key(nf4_weight_name(n)), ()), storage_dtype=dtype).view(ints))]
+        # The same module in one process, unsharded (frozen weights in the compute dtype, as FSDP2 stores them).
         single = build()
         materialize(single, cfg=job.model, seed=0, device=torch.device("cpu"))
+        fill_lora_b(single)
         with torch.no_grad():
             for p in single.parameters():
-                if not p.requires_grad and p.dtype != torch.bfloat16:
-                    p.data = p.data.to(torch.bfloat16)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                ref = single(ids, labels).float()
+                if not p.requires_grad and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp32):
+            ref = single(ids, labels).float()
+        ref.backward()
+        worst = 0.0
+        for n, p in single.named_parameters():
+            if p.requires_grad:
+                worst = max(worst, ((grads[n] - p.grad).norm() / p.grad.norm().clamp(min=1e-30)).item())
         result["loss_sharded"] = loss.item() / d.world_size
         result["loss_single"] = ref.item()
+        result["grad_rel_err_max"] = worst
+        result["grads_compared"] = len(grads)
+        result["grad_a_norm"] = sum(p.grad.norm().item() for n, p in single.named_parameters() if ".lora_A." in n)
     return result
 
 

@@ -32,6 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # Random base weights, and a checkpoint that keeps the frozen base (adapter_only=false).
         "random": ["peft=lora", "launcher.nproc_per_node=1", "checkpoint.adapter_only=false", *RANDOM_TINY],
         "zero3": ["peft=lora", "parallel=zero3", "launcher.nproc_per_node=2"],  # DeepSpeed's own format
+        "longlora": ["peft=longlora", "launcher.nproc_per_node=1"],  # + fully trained embeddings and norms
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "ftcluster", "train", *FP32, *args, f"run.dir={tmp / name}"],
                                     cwd=tmp, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -206,6 +207,25 @@ def test_deepspeed_zero3_checkpoint_exports(runs: dict[str, Path], tmp_path: Pat
     assert (hf_logits(peft_model) - want).abs().max() < 1e-5
     export(runs["zero3"], tmp_path / "merged", merge=True, dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert (hf_logits(merged) - want).abs().max() < 1e-5
+
+
+def test_longlora_trained_modules_travel_as_modules_to_save(runs: dict[str, Path], tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftcluster.export import export
+
+    want = trained_logits(runs["longlora"])  # eval mode: full attention, as the export serves it
+    export(runs["longlora"], tmp_path / "adapter", dtype="fp32")
+    cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
+                                           tmp_path / "adapter")
+    assert (hf_logits(peft_model) - want).abs().max() < 1e-5
+    export(runs["longlora"], tmp_path / "merged", merge=True, dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert merged.config._attn_implementation != "s2_attn" and not hasattr(merged.config, "s2_group_size")
     assert (hf_logits(merged) - want).abs().max() < 1e-5
 
 

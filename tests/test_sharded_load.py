@@ -40,7 +40,7 @@ def loads(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, dict
     AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).save_pretrained(sharded, max_shard_size="1MB")
     info = {"big_bytes": _write_big_model(tmp / "big"), "sharded": str(sharded),
             "n_shards": len(list(sharded.glob("model-*.safetensors")))}
-    tasks = [f"rss:{tmp / 'big'}", f"compare:{TINY}", f"compare:{sharded}", f"qlora:{TINY}"]
+    tasks = [f"rss:{tmp / 'big'}", f"compare:{TINY}", f"compare:{sharded}", f"qlora:{TINY}", f"qlora32:{TINY}"]
     return run_worker(tmp, *tasks), info
 
 
@@ -92,15 +92,20 @@ def test_sharded_load_host_memory_below_one_copy(loads) -> None:  # type: ignore
               f"model (shard {res['local_param_bytes'] / 2**20:.0f} MiB)")
 
 
-def test_qlora_nf4_state_loads_sharded_and_gives_the_unsharded_loss(loads) -> None:  # type: ignore[no-untyped-def]
-    """peft=qlora on 2 ranks: every NF4 state (codes, absmax, nested absmax, offset; bf16-typed)
-    is split in half, the gathered halves are bit for bit what quantising each full weight in one
-    process gives, and the sharded module's loss equals the unsharded module's."""
+@pytest.mark.parametrize("mode", ["qlora", "qlora32"])
+def test_qlora_nf4_state_loads_sharded_and_trains_like_unsharded(loads, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """peft=qlora on 2 ranks: every NF4 state (codes, absmax, nested absmax, offset; typed as the
+    compute dtype) is split in half, the gathered halves are bit for bit what quantising each full
+    weight in one process gives, and one batch's loss and every LoRA gradient equal those of the
+    same module unsharded in one process (qlora: bf16; qlora32: fp32 with activation
+    checkpointing, so the NF4 layers are recomputed in backward)."""
     ranks, _ = loads
-    res0, res1 = (r[f"qlora:{TINY}"] for r in ranks)
+    res0, res1 = (r[f"{mode}:{TINY}"] for r in ranks)
     assert res0["nf4_params"] == 28  # 7 linears x 4 layers, all NF4
-    assert res0["nf4_dtypes"] == ["torch.bfloat16"]  # quant storage = compute dtype
+    assert res0["nf4_dtypes"] == (["torch.float32"] if mode == "qlora32" else ["torch.bfloat16"])
     for r in (res0, res1):
         assert r["share_min"] == r["share_max"] == 0.5
     assert res0["nf4_mismatched"] == []
     assert res0["loss_sharded"] == pytest.approx(res0["loss_single"], rel=1e-6)
+    assert res0["grads_compared"] == 56 and res0["grad_a_norm"] > 0  # lora_A and lora_B of 28 linears
+    assert res0["grad_rel_err_max"] < 1e-5

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, cli_env, committed_steps, events, explain, losses, records, run_cli
 
@@ -162,8 +163,10 @@ def test_rendered_4x8_script(mode: str, tmp_path: Path) -> None:
                         "--nnodes 4 --rdzv-endpoint 10.1.0.1:21234 --rdzv-id 1234.0"], log
     else:
         ray = f"{bin_dir}/python -m ray.scripts.scripts start --block --disable-usage-stats --num-gpus=8 --temp-dir=/tmp/ray-ftc-1234"
-        assert srun == [f"srun --nodes=1 --ntasks=1 --nodelist=gpu001 --overlap {ray} --head --port=41234 --dashboard-port=41235",
-                        f"srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --exclude=gpu001 --overlap {ray} --address=10.1.0.1:41234"], log
+        # Both Ray steps start in the background: either may log first.
+        assert sorted(srun) == sorted([
+            f"srun --nodes=1 --ntasks=1 --nodelist=gpu001 --overlap {ray} --head --port=41234 --dashboard-port=41235",
+            f"srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --exclude=gpu001 --overlap {ray} --address=10.1.0.1:41234"]), log
         assert py == [f"python -u -m ftcluster.launch.slurm_job ray {cfg} --run-dir {run_dir} --address 10.1.0.1:41234 "
                       "--nodes 4 --wait-s 300"], log
         assert not list((run_dir / "slurm/submit-1").glob("ray-token.*")), "the job's Ray token must be removed"
@@ -201,6 +204,22 @@ def test_dry_run_renders_without_submitting(tmp_path: Path) -> None:
     assert "#SBATCH --requeue" in p.stdout and "nothing submitted" in p.stdout
     assert (run / "slurm/dry-run/job.sbatch").is_file() and (run / "slurm/dry-run/config.yaml").is_file()
     assert not list((run / "slurm").glob("submit-*"))
+
+
+def test_the_job_runs_the_saved_config_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the allocation the saved resolved config loads back to the JobConfig the driver validated."""
+    from ftcluster.launch.slurm_job import for_this_run, load_job
+
+    run = tmp_path / "X"
+    args = [*CPU_JOB, "launcher.mode=torchrun", "optim.lr=1e-4", "+launcher.env.NCCL_DEBUG=INFO", "resume=never",
+            f"run.dir={run}"]
+    p = run_cli("train", *args, "launcher.dry_run=true", cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    job = load_job(run / "slurm/dry-run/config.yaml")
+    assert job == _job(*args, "launcher.dry_run=true")
+    assert for_this_run(job) is job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued run always continues from the newest checkpoint
+    assert for_this_run(job).resume == "auto"
 
 
 @pytest.mark.parametrize("override,key", [("launcher.mode=mpi", "launcher.mode"),
@@ -346,6 +365,9 @@ def jobs(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Jobs:
     # Long enough to be signalled part-way: USR1 to the batch shell -> checkpoint -> requeue -> resume.
     j.submit("usr1", *CPU_JOB, "train.max_steps=200", "checkpoint.every_steps=100")
     j.signal_after_first_step("usr1", ["--signal=USR1", "--batch"])
+    # A second submission to a run dir whose job still lives is refused (both would write its checkpoints).
+    again = run_cli("train", *CPU_JOB, "train.max_steps=200", f"run.dir={j.runs['usr1']}", cwd=j.root)
+    j.out["usr1-again"] = f"{again.returncode}\n{again.stderr}"
     # A plain scancel (SIGTERM to every process): best-effort checkpoint, then the end.
     j.submit("term", *CPU_JOB, "launcher.mode=torchrun", "train.max_steps=400", "checkpoint.every_steps=0")
     j.signal_after_first_step("term", [])
@@ -389,6 +411,9 @@ def test_usr1_checkpoints_requeues_and_resumes(jobs: Jobs) -> None:
     assert committed_steps(run) == [100, 200]
     assert f"requeueing job {job_id} (requeue 1 of 3)" in out and f"job {job_id} (run 1)" in out
     assert (run / f"slurm/submit-1/preempt-saved.{job_id}.0").read_text().startswith(f"step {step} ")
+    rc, err = jobs.out["usr1-again"].split("\n", 1)
+    assert rc == "2" and f"Slurm job {job_id} " in err and "still uses" in err, err
+    assert not (run / "slurm/submit-2").exists()
 
 
 def test_scancel_saves_a_checkpoint_before_the_job_ends(jobs: Jobs) -> None:
@@ -427,7 +452,7 @@ def test_multirun_submits_one_job_per_point(jobs: Jobs) -> None:
         state, code, _ = wait_job(job_id, deadline=jobs.deadline)
         assert (state, code) == ("COMPLETED", "0:0"), (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()[-3000:]
         assert committed_steps(run) == [2]
-        cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
         assert cfg["optim"]["lr"] == lr and cfg["run"]["dir"] == str(run)
     assert (sweep / "multirun.yaml").is_file()
-    assert all(not r for r in (records(sweep),))  # the sweep dir itself is no run dir
+    assert not records(sweep)  # the sweep dir itself is no run dir

@@ -90,7 +90,9 @@ def run_torchrun(job: JobConfig, run_dir: Path, *, nnodes: int, rdzv_endpoint: s
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc, run_id=rdzv_id,
         rdzv_backend="c10d", rdzv_endpoint=rdzv_endpoint,
         max_restarts=0,  # a failure ends the job; Slurm's requeue or a resubmission resumes it
-        monitor_interval=0.5, start_method="spawn", shutdown_timeout=SHUTDOWN_S,
+        monitor_interval=0.5, start_method="spawn",
+        # torch >= 2.13; older agents give ranks their fixed 30 s after a SIGTERM.
+        **({"shutdown_timeout": SHUTDOWN_S} if "shutdown_timeout" in _fields(LaunchConfig) else {}),
     )
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // nproc)))
@@ -112,6 +114,10 @@ def run_torchrun(job: JobConfig, run_dir: Path, *, nnodes: int, rdzv_endpoint: s
         return 1
     _preempted_note(run_dir)
     return 0
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 # --- mode=ray: the Ray cluster the batch script started, then the Ray launcher -------------------

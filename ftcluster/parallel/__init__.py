@@ -1,6 +1,7 @@
 """The one seam over parallelism backends: `parallelize(module, ...) -> Engine`.
 
-The training loop talks only to the Engine protocol below and never branches on the backend.
+The training loop talks only to the Engine protocol below and never branches on the backend:
+`parallel.backend=fsdp2` is parallel/fsdp.py, `zero1|zero2|zero3` is parallel/deepspeed.py.
 Order inside every backend: the module arrives with PEFT and activation checkpointing already
 applied (on the meta device); the backend shards it, then calls `materialize` so each rank fills
 only its own shards, then builds the optimizer over the trainable (sharded) parameters.

@@ -53,9 +53,8 @@ Tied input/output embeddings stay one parameter.
 
 Checkpoints: DeepSpeed's own sharded save (`save_checkpoint`, tag `ds`) inside the checkpoint
 manager's temporary directory, so its commit protocol, retention and resume=auto apply unchanged.
-Frozen weights (an adapter run's base model) are not saved: they are rebuilt from model.path / the
-seed on resume, so the model source must not change between a run and its resume (FSDP2 saves
-them). Loading at another world size converts the checkpoint to DeepSpeed's universal format first
+With checkpoint.adapter_only (the default) frozen weights (an adapter run's base model) are not
+saved: they are rebuilt from model.path / the seed on resume, as under FSDP2. Loading at another world size converts the checkpoint to DeepSpeed's universal format first
 (`ds_to_universal` in a subprocess of rank 0, into `<engine dir>/universal`, published by rename
 and reused by later loads; the other ranks wait in a barrier, bounded by the process-group timeout)
 and loads that.
@@ -310,6 +309,7 @@ class DeepSpeedEngine:
         self.grad_accum = job.train.grad_accum
         self._micro = 0
         self._skip_on_host = False
+        self._master_device = torch.device("cpu") if job.parallel.cpu_offload else dist.device
         compute = torch.bfloat16 if job.train.dtype == "bf16" else torch.float32
         ds_config = build_ds_config(job)
         # Frozen weights are stored in the compute dtype (cast on meta: free). Trainable ones are
@@ -372,8 +372,7 @@ class DeepSpeedEngine:
         set_lr(self.inner, lr)
         if isinstance(self.inner, torch.optim.AdamW):
             # Fused kernel: skipped where the fp32 partitions live (host memory with cpu_offload).
-            where = self.inner.param_groups[0]["params"][0].device
-            self.inner.found_inf = skip.to(device=where, dtype=torch.float32)
+            self.inner.found_inf = skip.to(device=self._master_device, dtype=torch.float32)
         else:
             self._skip_on_host = bool(skip)  # the one extra host sync of DeepSpeed's own optimizers
         self.ds.step()
@@ -381,9 +380,10 @@ class DeepSpeedEngine:
 
     def save_state(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        # Frozen weights (an adapter run's base model) are rebuilt from the model source on load.
+        # checkpoint.adapter_only: frozen weights (an adapter run's base model) are not saved; they
+        # are rebuilt from the model source before loading, as at the start.
         self.ds.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False,
-                                exclude_frozen_parameters=True)
+                                exclude_frozen_parameters=self.job.checkpoint.adapter_only)
         if self.dist.is_main:
             (directory / META).write_text(json.dumps({"world_size": self.dist.world_size, "stage": self.stage,
                                                       "deepspeed": _ds_version()}))

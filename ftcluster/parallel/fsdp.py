@@ -4,6 +4,13 @@ Mixed precision: parameters are stored sharded in fp32 (trainable) or in the com
 (frozen base weights of an adapter run: they never receive an update, so an fp32 copy would only
 cost memory), gathered in the compute dtype for forward/backward, and gradients are reduced in
 `parallel.reduce_dtype` (fp32 by default) into fp32 sharded gradients that the optimizer updates.
+
+QLoRA: each NF4 linear's whole quantised state is one frozen 1-D parameter typed as the compute
+dtype (ftcluster/quant.py), so it is sharded, gathered (without a cast: it already has the param
+dtype) and freed like any frozen weight; only its bytes' meaning differs.
+
+Checkpoints (`checkpoint.adapter_only`, default on): only trainable parameters and the optimizer are
+saved; on load a frozen parameter is restored only if the checkpoint holds it.
 """
 from __future__ import annotations
 
