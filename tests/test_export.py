@@ -29,10 +29,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "full": ["peft=none", "launcher.nproc_per_node=1"],
         "lora": ["peft=lora", "launcher.nproc_per_node=2"],
         "qlora": ["peft=qlora", "launcher.nproc_per_node=1"],
-        # Random base weights, and a checkpoint that keeps the frozen base (adapter_only=false).
-        "random": ["peft=lora", "launcher.nproc_per_node=1", "checkpoint.adapter_only=false", *RANDOM_TINY],
+        # LongLoRA (adapters + fully trained embeddings and norms) on random base weights, with a
+        # checkpoint that keeps the frozen base (adapter_only=false).
+        "random": ["peft=longlora", "launcher.nproc_per_node=1", "checkpoint.adapter_only=false", *RANDOM_TINY],
         "zero3": ["peft=lora", "parallel=zero3", "launcher.nproc_per_node=2"],  # DeepSpeed's own format
-        "longlora": ["peft=longlora", "launcher.nproc_per_node=1"],  # + fully trained embeddings and norms
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "ftcluster", "train", *FP32, *args, f"run.dir={tmp / name}"],
                                     cwd=tmp, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -123,6 +123,15 @@ def test_lora_adapter_and_merged_exports(runs: dict[str, Path], tmp_path: Path) 
     assert not any("lora" in k or "base_layer" in k for k in index["weight_map"])
     assert (hf_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)) - want).abs().max() < 1e-5
     assert AutoTokenizer.from_pretrained(merged)("hello").input_ids  # the tokenizer travels with it
+    # The same stream without files: (HF name, merged tensor), one at a time.
+    from safetensors.torch import load_file
+
+    from ftcluster.export import iter_hf_tensors
+
+    streamed = dict(iter_hf_tensors(runs["lora"]))
+    assert sorted(streamed) == sorted(index["weight_map"])
+    first = load_file(str(merged / shards[0]))
+    assert all(torch.equal(streamed[k], v) for k, v in first.items())
 
     bf16 = tmp_path / "bf16"
     export(runs["lora"], bf16, merge=True)  # default dtype bf16
@@ -216,14 +225,14 @@ def test_longlora_trained_modules_travel_as_modules_to_save(runs: dict[str, Path
 
     from ftcluster.export import export
 
-    want = trained_logits(runs["longlora"])  # eval mode: full attention, as the export serves it
-    export(runs["longlora"], tmp_path / "adapter", dtype="fp32")
+    want = trained_logits(runs["random"])  # eval mode: full attention, as the export serves it
+    export(runs["random"], tmp_path / "adapter", dtype="fp32")
     cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert cfg["modules_to_save"] == ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
-                                           tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter/base", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert (hf_logits(peft_model) - want).abs().max() < 1e-5
-    export(runs["longlora"], tmp_path / "merged", merge=True, dtype="fp32")
+    export(runs["random"], tmp_path / "merged", merge=True, dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert merged.config._attn_implementation != "s2_attn" and not hasattr(merged.config, "s2_group_size")
     assert (hf_logits(merged) - want).abs().max() < 1e-5

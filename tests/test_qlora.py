@@ -95,6 +95,16 @@ def test_qlora_kill_9_and_resume_is_bit_identical(qruns: dict[str, Path]) -> Non
     assert committed_steps(run) == [4, 6]
 
 
-def test_qlora_config_rules(tmp_path: Path) -> None:
-    p = run_cli("train", "peft=qlora", "parallel=zero2", f"run.dir={tmp_path / 'X'}", cwd=tmp_path)
-    assert p.returncode == 2 and "parallel.backend" in p.stderr, explain(p)
+def test_qlora_config_rules() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from ftcluster import driver
+    from ftcluster.config import ConfigError, conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        job = driver.to_job(compose("config", overrides=["peft=qlora"]))
+        assert job.peft.method == "qlora" and job.checkpoint.adapter_only
+        for backend in ("zero2", "zero3"):
+            with pytest.raises(ConfigError, match="^parallel.backend"):
+                driver.to_job(compose("config", overrides=["peft=qlora", f"parallel={backend}"]))

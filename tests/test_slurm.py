@@ -77,6 +77,9 @@ echo "python $*" >>"$STUB_LOG"
 if [[ " $* " == *" ray.scripts.scripts start "* ]]; then
   trap 'exit 0' TERM; while :; do sleep 0.1; done
 fi
+if [[ " $* " == *" ftcluster.launch.slurm_job ray "* ]]; then  # as the real driver: after both Ray steps are up
+  for ((i = 0; i < 100; i++)); do (($(grep -c 'ray.scripts.scripts start' "$STUB_LOG") >= 2)) && break; sleep 0.1; done
+fi
 case $STUB_MODE in
   ok) exit 0 ;;
   fail) exit 3 ;;
