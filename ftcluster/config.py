@@ -649,6 +649,10 @@ class JobConfig:
             # flatten or partition it in ways it does not survive (zero3 is refused above as well).
             _require(self.parallel.backend == "fsdp2", "parallel.backend",
                      f"peft=qlora runs on fsdp2 only; got {self.parallel.backend}")
+        if not self.checkpoint.adapter_only and self.peft.method != "none":
+            _require(self.parallel.backend == "fsdp2", "checkpoint.adapter_only",
+                     "false (save the frozen base too) is supported by parallel=fsdp2 only; DeepSpeed checkpoints "
+                     "never hold frozen weights (they are rebuilt from model.path or the seed)")
         return self
 
 

@@ -108,3 +108,5 @@ def test_qlora_config_rules() -> None:
         for backend in ("zero2", "zero3"):
             with pytest.raises(ConfigError, match="^parallel.backend"):
                 driver.to_job(compose("config", overrides=["peft=qlora", f"parallel={backend}"]))
+        with pytest.raises(ConfigError, match="^checkpoint.adapter_only"):  # DeepSpeed would ignore it
+            driver.to_job(compose("config", overrides=["peft=lora", "parallel=zero2", "checkpoint.adapter_only=false"]))
