@@ -513,7 +513,8 @@ class TrainConfig:
     dtype: str = "bf16"
     """Compute dtype (`bf16` or `fp32`). Master weights and optimizer state stay fp32."""
     log_every: int = 1
-    """Log (and fetch loss from the device) every N steps."""
+    """Log (and fetch loss from the device) every N steps. Stop requests (preemption, SIGTERM) are
+    also agreed on at these points only, so a stop waits at most N steps."""
     loss_chunk_size: int = 4096
     """Tokens per chunk of the output projection + cross-entropy, so fp32 logits never exist for
     the whole batch at once."""

@@ -256,7 +256,9 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
 
         # Preemption (SIGUSR1 or the request file) or SIGTERM on any rank: all ranks agree here,
         # after a whole step (one all-reduce of a flag), checkpoint unless they just did, and stop.
-        stop = NONE if last else stops.agree(dev)
+        # Only at log points, where the host has just synced with the device anyway: no extra
+        # stall inside the steps between (a stop waits at most train.log_every steps).
+        stop = NONE if last or step % tcfg.log_every else stops.agree(dev)
         if stop:
             if job.checkpoint.enabled and not saved:
                 save(step)
