@@ -278,8 +278,6 @@ def test_restarted_driver_continues_the_run(failed_run: tuple[Path, subprocess.C
     assert committed_steps(run) == [8, 10]
 
 
-@pytest.mark.skipif(os.environ.get("FTCLUSTER_RAY_KILL_TEST") != "1",
-                    reason="opt-in (one more Ray run, ~1 min): FTCLUSTER_RAY_KILL_TEST=1")
 def test_sigkilled_worker_is_replaced_and_the_run_recovers(reference: tuple[Path, subprocess.CompletedProcess],
                                                            ray_env: dict, tmp_path: Path) -> None:
     """A worker process dies without a Python exception (kill -9, as the OOM killer does): Ray
