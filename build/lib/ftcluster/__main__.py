@@ -1,3 +1,0 @@
-from ftcluster.cli import main
-
-raise SystemExit(main())
