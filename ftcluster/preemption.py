@@ -9,7 +9,7 @@ Three ways to ask a run to stop, all launcher-agnostic:
             that a signal cannot (Ray workers run train() off the main thread, where Python cannot
             install handlers) and signals nothing else (a USR1 kills processes without a handler).
 
-Signal handlers only set a flag. At every step boundary train() calls `agree()`: one all-reduce (MAX)
+Signal handlers only set a flag. At every log point train() calls `agreed()`: one all-reduce (MAX)
 of each rank's request, so every rank stops after the same step, even if only one got the signal.
 After the checkpoint commits, rank 0 writes $FTCLUSTER_PREEMPT_SAVED (the step), which the batch
 script reads to decide that the job should be requeued.
@@ -59,12 +59,13 @@ class StopRequests:
             self._request = PREEMPT
         return self._request
 
-    def agree(self, device: torch.device) -> int:
-        """Collective (every rank, every step boundary): the strongest request of any rank."""
-        t = torch.tensor([self.local()], dtype=torch.int32, device=device)
+    def agreed(self, device: torch.device) -> torch.Tensor:
+        """Collective (every rank, at the same steps): the strongest request of any rank, as a 0-d
+        device tensor. No host sync here: the caller reads it with the rest of its logged values."""
+        t = torch.tensor(self.local(), dtype=torch.int32).to(device, non_blocking=True)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return t
 
     def acknowledge(self, *, step: int, checkpoint: Path | None) -> None:
         """Rank 0, after a preemption checkpoint committed: tell the job script (it requeues)."""

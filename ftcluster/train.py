@@ -227,9 +227,15 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
 
         last = step == tcfg.max_steps
         if step % tcfg.log_every == 0 or last:
-            # The one host sync of a logged step: everything the log needs, in one copy.
-            loss_v, gnorm_v, bad_v, tok_v = torch.stack([global_loss.double(), grad_norm.double(),
-                                                         pending_bad.double(), tokens_seen]).tolist()
+            # Preemption (SIGUSR1 or the request file) or SIGTERM on any rank: all ranks agree on it
+            # here (one all-reduce of a flag), at log points only, so a stop waits at most
+            # train.log_every steps and costs no extra stall inside the steps.
+            stop_dev = stops.agreed(dev) if not last else torch.zeros((), dtype=torch.int32, device=dev)
+            # The one host sync of a logged step: everything the log and the stop need, in one copy.
+            loss_v, gnorm_v, bad_v, tok_v, stop_v = torch.stack(
+                [global_loss.double(), grad_norm.double(), pending_bad.double(), tokens_seen,
+                 stop_dev.double()]).tolist()
+            stop = int(stop_v)
             if bad_v:
                 _check_finite(pending_bad, step, loss=loss_v, grad_norm=gnorm_v)
             elapsed = max(time.perf_counter() - window.t0, 1e-9)
@@ -254,11 +260,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
             save(step)
             window.t0 += time.perf_counter() - t_save  # checkpoint time is not training throughput
 
-        # Preemption (SIGUSR1 or the request file) or SIGTERM on any rank: all ranks agree here,
-        # after a whole step (one all-reduce of a flag), checkpoint unless they just did, and stop.
-        # Only at log points, where the host has just synced with the device anyway: no extra
-        # stall inside the steps between (a stop waits at most train.log_every steps).
-        stop = NONE if last or step % tcfg.log_every else stops.agree(dev)
+        # An agreed stop request: checkpoint unless this step just did, and stop.
         if stop:
             if job.checkpoint.enabled and not saved:
                 save(step)
