@@ -55,6 +55,12 @@ def is_committed(p: Path) -> bool:
     return p.is_dir() and _step_of(p) is not None and (p / "meta.json").is_file()
 
 
+def committed_checkpoints(run_dir: Path) -> list[Path]:
+    """Committed checkpoints of a run directory, oldest first (no process group needed)."""
+    d = run_dir / "checkpoints"
+    return sorted((p for p in d.iterdir() if is_committed(p)), key=lambda p: _step_of(p) or 0) if d.is_dir() else []
+
+
 class CheckpointManager:
     def __init__(self, run_dir: Path, *, keep_last: int, dist_info: Dist) -> None:
         self.dir = run_dir / "checkpoints"
@@ -63,10 +69,7 @@ class CheckpointManager:
 
     def committed(self) -> list[Path]:
         """Committed checkpoints, oldest first."""
-        if not self.dir.is_dir():
-            return []
-        found = [p for p in self.dir.iterdir() if is_committed(p)]
-        return sorted(found, key=lambda p: _step_of(p) or 0)
+        return committed_checkpoints(self.dir.parent)
 
     def latest(self) -> Path | None:
         c = self.committed()

@@ -12,8 +12,7 @@ from ftcluster.driver import local_world_size
 
 
 def launch_local(job: JobConfig, run_dir: Path) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import LaunchConfig
 
     nproc = local_world_size(job.launcher)
     port = job.launcher.master_port
@@ -26,20 +25,36 @@ def launch_local(job: JobConfig, run_dir: Path) -> int:
     )
     # Ranks share the host's cores: split them rather than oversubscribe (a user's setting wins).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"ftcluster: {nproc} rank(s) on this host; run dir {run_dir}", flush=True)
+    code = run_elastic(config, job, run_dir, where="")
+    if code == 0:
+        print(f"ftcluster: done. metrics {run_dir / 'metrics.jsonl'}, checkpoints {run_dir / 'checkpoints'}", flush=True)
+    return code
+
+
+def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  # type: ignore[no-untyped-def]
+    """Run `rank_entry` on this host's ranks with torch elastic (`config`: a LaunchConfig). A failed
+    rank's traceback goes to logs/rank<r>.error (unless the rank already wrote one) and one line per
+    failed rank to stderr. Returns the exit code. `where` prefixes messages (e.g. "node x: ")."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     # torch elastic logs each failed rank's traceback at ERROR; we write it to logs/rank<r>.error
     # and print one line per failed rank instead.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    print(f"ftcluster: {nproc} rank(s) on this host; run dir {run_dir}", flush=True)
     try:
         elastic_launch(config, rank_entry)(job, str(run_dir))
     except ChildFailedError as e:
-        print(f"ftcluster: training failed on {len(e.failures)} rank(s); logs in {run_dir / 'logs'}", file=sys.stderr)
+        print(f"ftcluster: {where}training failed on {len(e.failures)} rank(s); logs in {run_dir / 'logs'}",
+              file=sys.stderr)
         for rank, failure in sorted(e.failures.items()):
             full = _failure_text(failure)
-            (run_dir / "logs" / f"rank{rank}.error").write_text(full + "\n")
+            err = run_dir / "logs" / f"rank{rank}.error"
+            if not err.is_file() or err.stat().st_size == 0:
+                err.write_text(full + "\n")
             print(f"  rank {rank}: {_last_line(full)}", file=sys.stderr)
+        sys.stderr.flush()
         return 1
-    print(f"ftcluster: done. metrics {run_dir / 'metrics.jsonl'}, checkpoints {run_dir / 'checkpoints'}", flush=True)
     return 0
 
 

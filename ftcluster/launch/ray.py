@@ -42,6 +42,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from ftcluster.checkpoint import committed_checkpoints
 from ftcluster.config import ConfigError, JobConfig, RayLauncherConfig, is_secret_name
 
 LAUNCH_ID_FILE = "ray_launch_id"
@@ -217,7 +218,7 @@ def _check_capacity(plan: RayPlan, cfg: RayLauncherConfig, cluster: dict[str, fl
 def _report_success(run_dir: Path, t0: float, plan: RayPlan, failures: list[dict], *, reports: dict) -> None:
     last = _last_step_record(run_dir)
     step = f"step {last['step']}, loss {last['loss']:.4f}" if last else "no step logged"
-    ckpts = _committed(run_dir)
+    ckpts = committed_checkpoints(run_dir)
     print(f"ftcluster: done in {time.time() - t0:.1f} s on {plan.num_workers} Ray worker(s), "
           f"{len(failures)} restart(s): {step}", flush=True)
     for i, f in enumerate(failures, 1):
@@ -245,7 +246,7 @@ def _report_failure(run_dir: Path, t0: float, worker_failures: dict[int, BaseExc
         err_file = run_dir / "logs" / f"rank{rank}.error"
         if not err_file.is_file() or err_file.stat().st_mtime < t0:  # the worker could not write it itself
             err_file.write_text(f"{type(err).__name__}: {err}\n")
-    ckpts = _committed(run_dir)
+    ckpts = committed_checkpoints(run_dir)
     if ckpts:
         print(f"  the newest committed checkpoint is {ckpts[-1]}; the same command again resumes from it",
               file=sys.stderr)
@@ -274,12 +275,6 @@ def _first_line(err: BaseException) -> str:
 def _one_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:400]
-
-
-def _committed(run_dir: Path) -> list[Path]:
-    d = run_dir / "checkpoints"
-    found = [p for p in d.glob("step_*") if p.name[5:].isdigit() and (p / "meta.json").is_file()] if d.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def _last_step_record(run_dir: Path) -> dict | None:

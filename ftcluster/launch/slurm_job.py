@@ -78,10 +78,9 @@ def _preempted_note(run_dir: Path) -> None:
 # --- mode=torchrun: one torch elastic agent per node --------------------------------------------
 
 def run_torchrun(job: JobConfig, run_dir: Path, *, nnodes: int, rdzv_endpoint: str, rdzv_id: str) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import LaunchConfig
 
-    from ftcluster.launch.local import _failure_text, _last_line, rank_entry
+    from ftcluster.launch.local import run_elastic
 
     c: SlurmLauncherConfig = job.launcher
     nproc = max(1, c.gpus_per_node)
@@ -96,21 +95,9 @@ def run_torchrun(job: JobConfig, run_dir: Path, *, nnodes: int, rdzv_endpoint: s
     )
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     print(f"ftcluster: node {host}: {nproc} rank(s), {nnodes} node(s), rendezvous {rdzv_endpoint} ({rdzv_id})",
           flush=True)
-    try:
-        elastic_launch(config, rank_entry)(job, str(run_dir))
-    except ChildFailedError as e:
-        print(f"ftcluster: node {host}: training failed on {len(e.failures)} rank(s); logs in {run_dir / 'logs'}",
-              file=sys.stderr)
-        for rank, failure in sorted(e.failures.items()):
-            full = _failure_text(failure)
-            err = run_dir / "logs" / f"rank{rank}.error"
-            if not err.is_file() or err.stat().st_size == 0:
-                err.write_text(full + "\n")
-            print(f"  rank {rank}: {_last_line(full)}", file=sys.stderr)
-        sys.stderr.flush()
+    if run_elastic(config, job, run_dir, where=f"node {host}: ") != 0:
         return 1
     _preempted_note(run_dir)
     return 0
