@@ -176,8 +176,9 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
 
     def save(step: int) -> None:
         _check_finite(pending_bad, step)
-        rank_state = {"rng": rng_state(), "data": batches.state_dict()}
-        meta = {"tokens_seen": progress.tokens_seen + int(tokens_seen.item()), "data": batches.state_dict(),
+        data_state = batches.state_dict()
+        rank_state = {"rng": rng_state(), "data": data_state}
+        meta = {"tokens_seen": progress.tokens_seen + int(tokens_seen.item()), "data": data_state,
                 "logger_run_id": logger_run_id,
                 # For `ftcluster export`: whether the frozen base is in the checkpoint, and on which
                 # device type seeded weights were generated (CPU and CUDA generators differ).
@@ -201,7 +202,8 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
         counts_dev = all_reduce_sum(local.pin_memory().to(dev, non_blocking=True) if on_gpu else local)
         # Loss = (sum of token losses over all micro-batches and ranks) / (global supervised tokens).
         # Backends average gradients over ranks, hence the world_size factor.
-        scale = (d.world_size / counts_dev[0].clamp(min=1)).to(torch.float32)
+        supervised = counts_dev[0].clamp(min=1)
+        scale = (d.world_size / supervised).to(torch.float32)
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         for b in micro:
             ids = b["input_ids"].to(dev, non_blocking=True)
@@ -212,7 +214,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
             engine.backward(loss * scale)
             loss_sum += loss.detach()
         grad_norm = engine.clip_grad_norm(tcfg.grad_clip)
-        global_loss = all_reduce_sum(loss_sum) / counts_dev[0].clamp(min=1)
+        global_loss = all_reduce_sum(loss_sum) / supervised
         bad = ~(torch.isfinite(global_loss) & torch.isfinite(grad_norm))  # identical on every rank
         lr = lr_at(step, cfg=job.optim, max_steps=tcfg.max_steps)
         engine.step(lr=lr, skip=bad)
