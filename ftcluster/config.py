@@ -276,6 +276,11 @@ class ParallelConfig:
     """zero3: most gathered parameter elements alive at once per rank."""
     stage3_max_reuse_distance: int = 1_000_000_000
     """zero3: keep a gathered parameter if it is used again within this many elements."""
+    stage3_gather_per_layer: bool = True
+    """zero3: gather each decoder layer's parameters as one unit when the layer starts (DeepSpeed
+    "leaf modules"), as FSDP2 does, instead of one gather per linear. False restores DeepSpeed's
+    per-submodule hooks: each one costs Python time and, when more than two gathers are in flight,
+    a host sync, which left ZeRO-3 3.4x slower than FSDP2 on an 8B LoRA job (bench/RESULTS.md)."""
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
     """Further DeepSpeed config keys, merged recursively over the config ftcluster generates and
     checked by DeepSpeed's own config model when the job is validated (before any process starts).

@@ -45,6 +45,8 @@ def test_zero3_lora_kill9_resume_identical_then_continue_on_one_rank(zero3_refer
     ref = losses(zero3_reference)
     assert sorted(ref) == list(range(1, 13)) and all(math.isfinite(v) for v in ref.values())
     assert committed_steps(zero3_reference) == [8, 12]
+    # The embedded model's 4 decoder layers are DeepSpeed leaf modules (one gather per layer).
+    assert "ZeRO-3: parameters gathered per decoder layer (4 layers)" in (zero3_reference / "logs/rank0.log").read_text()
 
     run = tmp_path / "X"
     args = [sys.executable, "-m", "ftcluster", "train", *ZERO3_LORA, f"run.dir={run}"]
@@ -105,9 +107,13 @@ def test_full_finetune_zero2_and_zero3_offload_match_fsdp2_with_accumulation(tmp
     """grad_accum=2: the loop's token weighting spans micro-batches, so DeepSpeed must not divide by
     the accumulation steps again; the step-1 gradient norm and the step-2 loss show it."""
     runs = {}
+    # zero3_offload also takes DeepSpeed's per-submodule gathering (the LoRA reference job takes the
+    # default, per decoder layer): both must train like FSDP2.
+    extra = {"zero3_offload": ["parallel.stage3_gather_per_layer=false"]}
     for backend in ("fsdp2", "zero2", "zero3_offload"):
         runs[backend] = tmp_path / backend
-        p = run_cli("train", *FULL_GA2, f"parallel={backend}", f"run.dir={runs[backend]}", cwd=tmp_path)
+        p = run_cli("train", *FULL_GA2, f"parallel={backend}", *extra.get(backend, []), f"run.dir={runs[backend]}",
+                    cwd=tmp_path)
         assert p.returncode == 0, explain(p)
     fsdp = step_records(runs["fsdp2"])
     for backend in ("zero2", "zero3_offload"):
@@ -115,7 +121,7 @@ def test_full_finetune_zero2_and_zero3_offload_match_fsdp2_with_accumulation(tmp
         assert got[1]["loss"] == pytest.approx(fsdp[1]["loss"], rel=1e-4), backend
         assert got[1]["grad_norm"] == pytest.approx(fsdp[1]["grad_norm"], rel=1e-4), backend
         assert got[2]["loss"] == pytest.approx(fsdp[2]["loss"], rel=1e-4), backend
-    assert "ZeRO-3" in (runs["zero3_offload"] / "logs/rank0.log").read_text()
+    assert "ZeRO-3: parameters gathered per submodule" in (runs["zero3_offload"] / "logs/rank0.log").read_text()
 
 
 def test_bad_override_fails_before_start_naming_the_key(tmp_path: Path) -> None:

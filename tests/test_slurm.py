@@ -438,7 +438,8 @@ def test_failing_job_exits_nonzero_with_its_error_in_the_run_dir(jobs: Jobs) -> 
     state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
     out = (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()
     assert state == "FAILED" and code == "1:0" and restarts == 0, (state, code, out[-4000:])
-    assert "InjectedFailure" in (run / "logs/rank0.error").read_text()
+    err = (run / "logs/rank0.error").read_text()
+    assert "Traceback" in err and "InjectedFailure" in err, err
     assert "training failed" in out and "rank 0: " in out
     assert committed_steps(run) == []
 

@@ -90,7 +90,8 @@ def test_full_finetune_resumes_on_fewer_ranks(tmp_path: Path) -> None:
     p = run_cli("train", *common, *two, f"run.dir={run}", "debug.fail_at_step=5", "debug.fail_rank=1", cwd=tmp_path)
     assert p.returncode == 1, explain(p)
     assert "rank 1" in p.stderr and "InjectedFailure" in p.stderr, p.stderr[-3000:]
-    assert (run / "logs/rank1.error").is_file()
+    err = (run / "logs/rank1.error").read_text()  # the rank's whole traceback, not just its last line
+    assert "Traceback" in err and "InjectedFailure" in err and "ftcluster/train.py" in err, err
     assert committed_steps(run) == [2, 4]
     p = run_cli("train", *common, "launcher.nproc_per_node=1", "train.micro_batch_size=8", f"run.dir={run}", cwd=tmp_path)
     assert p.returncode == 0, explain(p)

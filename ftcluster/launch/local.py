@@ -61,11 +61,11 @@ def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  #
 def _failure_text(failure) -> str:  # type: ignore[no-untyped-def]
     """The rank's error with its traceback, from the error file `record` wrote."""
     msg = failure.message
-    if isinstance(msg, dict):
-        msg = msg.get("message", msg)
-        if isinstance(msg, dict):
-            extra = msg.get("extraInfo", {}).get("py_callstack", "")
-            msg = extra or msg.get("message", str(msg))
+    # torch elastic's error file: {"message": "<Error: text>", "extraInfo": {"py_callstack": ...}},
+    # older versions nest it once more under "message".
+    while isinstance(msg, dict):
+        extra = msg.get("extraInfo") or {}
+        msg = extra.get("py_callstack") or msg.get("message", str(msg))
     text = str(msg).strip()
     if not text or text.startswith("To enable traceback"):
         text = f"exited with code {failure.exitcode} (signal or crash; see the rank's log)"

@@ -324,6 +324,25 @@ class DeepSpeedEngine:
             # The loss head reads the output projection's weight outside lm_head.forward: gather it
             # with the root module's forward and backward.
             deepspeed.zero.register_external_parameter(module, module.hf_model.get_output_embeddings().weight)
+            if job.parallel.stage3_gather_per_layer:
+                # One gather (and one set of hooks) per decoder layer instead of per linear/LoRA
+                # submodule: DeepSpeed's per-submodule hooks cost Python time and, with more than
+                # two gathers in flight, a host sync each (partitioned_param_coordinator's
+                # __max_ongoing_fetch_events), which stalls the GPU on small modules. The unit is
+                # the same as FSDP2's; a layer's full weights are live while it runs, as there.
+                from deepspeed.utils import set_z3_leaf_modules
+
+                leaves = set_z3_leaf_modules(module, sorted(layer_classes))
+                # A leaf layer's parameters are released by its backward hook, which torch fires as
+                # soon as the gradient w.r.t. the layer's inputs exists -- or, when no input needs a
+                # gradient (a frozen embedding, as in LoRA), as soon as the gradient w.r.t. its
+                # outputs does: before the layer's own weight gradients are accumulated. Making the
+                # embedding output need a gradient keeps that order (cost: one input gradient
+                # through the first layer). Activation checkpointing does the same already.
+                module.hf_model.enable_input_require_grads()
+                log.info("ZeRO-3: parameters gathered per decoder layer (%d layers)", len(leaves))
+            else:
+                log.info("ZeRO-3: parameters gathered per submodule (parallel.stage3_gather_per_layer=false)")
         else:
             # Every rank allocates the full model (ZeRO-1/2 replicate it), keeping tied weights tied.
             _to_empty_keep_ties(list(module.modules()), _ties(module), dist.device)
