@@ -137,14 +137,15 @@ class ModelConfig:
         _require(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "model.rope_high_freq_factor",
                  f"must be > model.rope_low_freq_factor > 0; got {self.rope_high_freq_factor}, {self.rope_low_freq_factor}")
         if target is not None and (self.path is None or (Path(self.path) / "config.json").is_file()):
-            from ftcluster.rope import original_max_positions  # rope.py imports this module
+            from ftcluster.rope import current_max_positions  # rope.py imports this module
 
             if self.path is not None:
-                original = original_max_positions(json.loads((Path(self.path) / "config.json").read_text()))
+                current = current_max_positions(json.loads((Path(self.path) / "config.json").read_text()))
             else:
-                original = self.max_position_embeddings
-            _require(target > original, "model.extend_context_to",
-                     f"must exceed the model's original context of {original} tokens; got {target}")
+                current = self.max_position_embeddings
+            # Below the current context (e.g. 32768 on Llama-3.1's 131072) the new factor would shrink it.
+            _require(target > current, "model.extend_context_to",
+                     f"must exceed the model's current context of {current} tokens; got {target}")
 
 
 def _looks_local(path: str) -> bool:

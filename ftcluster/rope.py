@@ -42,6 +42,12 @@ def original_max_positions(config: dict[str, Any]) -> int:
     return int(config["max_position_embeddings"])
 
 
+def current_max_positions(config: dict[str, Any]) -> int:
+    """The context a model supports as it is (after any RoPE scaling it already carries): extending
+    to less would shrink it (Llama-3.1: 131072 from a pre-training context of 8192)."""
+    return max(original_max_positions(config), int(config.get("max_position_embeddings") or 0))
+
+
 def rope_parameters_for(cfg: ModelConfig, hf_config) -> tuple[dict[str, Any], int] | None:  # type: ignore[no-untyped-def]
     """(new `rope_parameters`, new `max_position_embeddings`) for `cfg`, or None to keep the model's."""
     if cfg.rope_scaling_type is None and cfg.extend_context_to is None:
@@ -55,8 +61,9 @@ def rope_parameters_for(cfg: ModelConfig, hf_config) -> tuple[dict[str, Any], in
     if kind is None:  # extend_context_to alone: keep the model's own scaling type, else linear
         kind = current.get("rope_type") if current.get("rope_type") in SCALED_TYPES else "linear"
     if cfg.extend_context_to is not None:
-        if cfg.extend_context_to <= original:
-            raise ValueError(f"model.extend_context_to: must exceed the model's original context of {original} "
+        supported = current_max_positions(hf_config.to_dict())
+        if cfg.extend_context_to <= supported:
+            raise ValueError(f"model.extend_context_to: must exceed the model's current context of {supported} "
                              f"tokens; got {cfg.extend_context_to}")
         factor = cfg.extend_context_to / original
         max_positions = cfg.extend_context_to

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import cli_env, committed_steps, events, explain, losses, run_cli
-from ftcluster import driver
-from ftcluster.config import ConfigError, JobConfig, ModelConfig, conf_dir, register_configs
+from conftest import cli_env, committed_steps, compose_job, events, explain, losses, run_cli
+from ftcluster.config import ConfigError, JobConfig, ModelConfig, register_configs
 from ftcluster.longlora import S2_ATTN, hf_config_for_export
 from ftcluster.model import CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model, materialize
 
@@ -24,9 +21,7 @@ register_configs()
 torch.set_num_threads(1)
 
 
-def job(*overrides: str) -> JobConfig:
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return driver.to_job(compose("config", overrides=list(overrides)))
+job = compose_job
 
 
 def build(j: JobConfig, *, device: torch.device | None = None) -> CausalLMWithLoss:
@@ -267,8 +262,10 @@ def test_model_with_llama3_scaling_extends_from_its_pretraining_context(tmp_path
     assert hf.rope_parameters["rope_type"] == "llama3"  # the model's own scaling type is kept
     assert hf.rope_parameters["factor"] == 32.0 and hf.rope_parameters["original_max_position_embeddings"] == 8192
     assert hf.max_position_embeddings == 262144
-    with pytest.raises(ConfigError, match="^model.extend_context_to: must exceed .* 8192"):
-        ModelConfig(path=str(tmp_path), init="pretrained", extend_context_to=8000).validate()
+    # Between the pre-training context (8192) and the current one (131072) a factor from 8192 would
+    # shrink the model's context: refused.
+    with pytest.raises(ConfigError, match="^model.extend_context_to: must exceed .* current context of 131072"):
+        ModelConfig(path=str(tmp_path), init="pretrained", extend_context_to=32768).validate()
 
 
 def test_materialised_model_uses_scaled_rope() -> None:
