@@ -86,10 +86,12 @@ def drive(cfg) -> int:  # type: ignore[no-untyped-def]
         job = to_job(cfg)
         check_environment(job)
         run_dir = prepare_run_dir(job, cfg)
+        # Launchers check what only they can see (the Ray cluster's resources, a Slurm job still
+        # using the run dir) and raise ConfigError for it too: the same message, the same exit code.
+        return launch(job, Path(run_dir))
     except ConfigError as e:
         print(f"ftcluster: config error: {e}", file=sys.stderr)
         return 2
-    return launch(job, Path(run_dir))
 
 
 if __name__ == "__main__":

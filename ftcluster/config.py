@@ -304,9 +304,11 @@ class ParallelConfig:
     def validate_job(self, job: "JobConfig") -> None:
         """Rules across groups: backend x PEFT method, and (DeepSpeed) the generated config plus
         parallel.deepspeed_overrides through DeepSpeed's own config model. No process group exists."""
-        if self.backend == "zero3" and job.peft.method == "qlora":
-            _fail("parallel.backend", "QLoRA does not work with DeepSpeed ZeRO-3 (4-bit base weights cannot be "
-                  "partitioned by ZeRO-3); use parallel=fsdp2 for QLoRA")
+        if self.backend in ZERO_BACKENDS and job.peft.method == "qlora":
+            # NF4Linear's flat quantised state is sharded by FSDP2's fully_shard; ZeRO would cast,
+            # flatten or partition it in ways it does not survive.
+            _fail("parallel.backend", f"QLoRA does not work with DeepSpeed {self.backend} (its 4-bit base weights "
+                  "cannot be cast, flattened or partitioned by ZeRO); use parallel=fsdp2 for QLoRA")
         if self.backend in ZERO_BACKENDS:
             from ftcluster.parallel.deepspeed import check_deepspeed_config
 
@@ -651,11 +653,17 @@ class JobConfig:
             _require(self.model.tokenizer is not None or self.model.path is not None, "model.tokenizer",
                      "a tokenizer directory is required to tokenise data (or use data.format=synthetic)")
         _require(self.debug.fail_at_step <= self.train.max_steps, "debug.fail_at_step", "must be <= train.max_steps")
-        if self.peft.method == "qlora":
-            # NF4Linear's flat quantised state is sharded by FSDP2's fully_shard; ZeRO would cast,
-            # flatten or partition it in ways it does not survive (zero3 is refused above as well).
-            _require(self.parallel.backend == "fsdp2", "parallel.backend",
-                     f"peft=qlora runs on fsdp2 only; got {self.parallel.backend}")
+        # Ray Train restarts a failed worker group inside the same launch (launcher=ray, or Slurm's
+        # mode=ray); the new group must continue from the newest committed checkpoint.
+        launcher, retries = self.launcher, 0
+        if isinstance(launcher, RayLauncherConfig):
+            retries, knob = launcher.max_failures, "launcher.max_failures"
+        elif isinstance(launcher, SlurmLauncherConfig) and launcher.mode == "ray":
+            retries, knob = launcher.ray_max_failures, "launcher.ray_max_failures"
+        if retries != 0:
+            _require(self.resume == "auto", "resume",
+                     f"{self.resume!r} with {knob}={retries}: a restarted worker group continues from the newest "
+                     "committed checkpoint in the run dir, which needs resume=auto")
         if not self.checkpoint.adapter_only and self.peft.method != "none":
             _require(self.parallel.backend == "fsdp2", "checkpoint.adapter_only",
                      "false (save the frozen base too) is supported by parallel=fsdp2 only; DeepSpeed checkpoints "

@@ -72,10 +72,6 @@ def check_ray_environment(job: JobConfig, launcher: RayLauncherConfig) -> None:
     if not all(hasattr(ray.train, n) for n in ("UserCallback", "WorkerGroupError", "get_context")):
         raise ConfigError(f"launcher: 'ray' needs Ray Train V2 (ray.train.UserCallback, WorkerGroupError); "
                           f"ray {ray.__version__} does not have it")
-    if launcher.max_failures != 0 and job.resume != "auto":
-        raise ConfigError(f"resume: {job.resume!r} with launcher.max_failures={launcher.max_failures}: a restarted "
-                          "worker group continues from the newest committed checkpoint in the run dir, which needs "
-                          "resume=auto")
     if launcher.address == "local" and str(launcher.gpus_per_worker) == "1":
         n = 1 if launcher.num_workers == "auto" else int(launcher.num_workers)
         gpus = visible_gpus()

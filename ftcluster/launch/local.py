@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
 from ftcluster.config import JobConfig
 from ftcluster.driver import local_world_size
+from ftcluster.preemption import TERMINATED_EXIT_CODE
 
 
 def launch_local(job: JobConfig, run_dir: Path) -> int:
@@ -39,23 +41,41 @@ def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  #
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    # torch elastic logs each failed rank's traceback at ERROR; we write it to logs/rank<r>.error
-    # and print one line per failed rank instead.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # torch elastic's multiprocessing layer logs each failed rank's traceback at ERROR; we write it to
+    # logs/rank<r>.error and print one line per failed rank instead. Its agent and rendezvous
+    # warnings (the clues when a multi-node start fails) stay on.
+    quiet = logging.getLogger("torch.distributed.elastic.multiprocessing")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, rank_entry)(job, str(run_dir))
     except ChildFailedError as e:
+        if all(f.exitcode == TERMINATED_EXIT_CODE for f in e.failures.values()):
+            # SIGTERM: every rank agreed on it, checkpointed if it could (train.py logged where) and
+            # exited 143 on purpose. Not a crash; exit as a process killed by SIGTERM would.
+            print(f"ftcluster: {where}stopped by SIGTERM; logs in {run_dir / 'logs'}", file=sys.stderr, flush=True)
+            return TERMINATED_EXIT_CODE
         print(f"ftcluster: {where}training failed on {len(e.failures)} rank(s); logs in {run_dir / 'logs'}",
               file=sys.stderr)
         for rank, failure in sorted(e.failures.items()):
             full = _failure_text(failure)
-            err = run_dir / "logs" / f"rank{rank}.error"
-            if not err.is_file() or err.stat().st_size == 0:
-                err.write_text(full + "\n")
+            append_rank_error(run_dir, rank, full, header=f"{where}pid {failure.pid}")
             print(f"  rank {rank}: {_last_line(full)}", file=sys.stderr)
         sys.stderr.flush()
         return 1
+    finally:
+        quiet.setLevel(level)
     return 0
+
+
+def append_rank_error(run_dir: Path, rank: int, text: str, *, header: str) -> None:
+    """Add a failure to logs/rank<r>.error. Appended, under a header with the time: a resumed or
+    requeued run reuses its run dir, and each failure's traceback must stay readable."""
+    try:
+        with open(run_dir / "logs" / f"rank{rank}.error", "a") as f:
+            f.write(f"--- {header}, {time.ctime()}\n{text.rstrip()}\n")
+    except OSError:
+        pass
 
 
 def _failure_text(failure) -> str:  # type: ignore[no-untyped-def]

@@ -40,9 +40,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.train import UserCallback
+# Ray Train V2 settings the driver sets (Ray forwards RAY_TRAIN_* to the controller and workers).
+RAY_ENV_DEFAULTS = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray's print patch routes print() through its logger and doubles every line on the console.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray would chdir each worker into its own trial directory; relative paths in the config are
+    # taken from the driver's working directory instead (see _enter_driver_cwd).
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+}
+for _k, _v in RAY_ENV_DEFAULTS.items():
+    # Set before ray.train is first imported (it reads RAY_TRAIN_V2_ENABLED then) and before this
+    # process starts a trainer (the others are read then, and forwarded to its actors). A value the
+    # user exported wins.
+    os.environ.setdefault(_k, _v)
+
+from ray.train import UserCallback  # noqa: E402 - after the environment defaults above
 
 from ftcluster.checkpoint import committed_checkpoints
+from ftcluster.launch.local import append_rank_error
 from ftcluster.config import ConfigError, JobConfig, RayLauncherConfig, is_secret_name
 
 LAUNCH_ID_FILE = "ray_launch_id"
@@ -54,15 +70,6 @@ LAUNCH_ID_FILE = "ray_launch_id"
 FORWARD_ENV_PREFIXES = ("FTCLUSTER_", "HF_", "TRANSFORMERS_", "WANDB_", "NCCL_", "TORCH_", "PYTORCH_", "DS_",
                         "TOKENIZERS_", "OMP_NUM_THREADS", "CUDA_LAUNCH_BLOCKING")
 
-# Ray Train V2 settings the driver sets (Ray forwards RAY_TRAIN_* to the controller and workers).
-RAY_ENV_DEFAULTS = {
-    "RAY_TRAIN_V2_ENABLED": "1",
-    # Ray's print patch routes print() through its logger and doubles every line on the console.
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # Ray would chdir each worker into its own trial directory; relative paths in the config are
-    # taken from the driver's working directory instead (see _enter_driver_cwd).
-    "RAY_CHDIR_TO_TRIAL_DIR": "0",
-}
 
 
 class PreflightError(RuntimeError):
@@ -113,8 +120,6 @@ def forwarded_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
 
 def launch_ray(job: JobConfig, run_dir: Path) -> int:
     cfg: RayLauncherConfig = job.launcher
-    for k, v in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)  # read by Ray Train when the trainer starts; forwarded to its actors
     import ray
 
     try:
@@ -245,7 +250,7 @@ def _report_failure(run_dir: Path, t0: float, worker_failures: dict[int, BaseExc
         print(f"  rank {rank}{where}: {_one_line(err)}{note}", file=sys.stderr)
         err_file = run_dir / "logs" / f"rank{rank}.error"
         if not err_file.is_file() or err_file.stat().st_mtime < t0:  # the worker could not write it itself
-            err_file.write_text(f"{type(err).__name__}: {err}\n")
+            append_rank_error(run_dir, rank, f"{type(err).__name__}: {err}", header="reported by the Ray driver")
     ckpts = committed_checkpoints(run_dir)
     if ckpts:
         print(f"  the newest committed checkpoint is {ckpts[-1]}; the same command again resumes from it",
@@ -609,13 +614,8 @@ def _write_preflight(run_dir: Path, facts: list[dict], launch_id: str, attempt: 
 
 def _write_error(run_dir: Path, rank: int, attempt: int, err: BaseException) -> None:
     """logs/rank<r>.error: this rank's traceback (the driver prints its last line)."""
-    try:
-        path = run_dir / "logs" / f"rank{rank}.error"
-        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-        with open(path, "a") as f:
-            f.write(f"--- attempt {attempt}, host {socket.gethostname()}, pid {os.getpid()}, {time.ctime()}\n{text}")
-    except OSError:
-        pass
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    append_rank_error(run_dir, rank, text, header=f"attempt {attempt}, host {socket.gethostname()}, pid {os.getpid()}")
 
 
 class _RayReporter:

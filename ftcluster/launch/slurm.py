@@ -118,14 +118,6 @@ def render(job: JobConfig, *, run_dir: Path, submit_dir: Path, workdir: Path) ->
 
 
 def launch_slurm(job: JobConfig, run_dir: Path) -> int:
-    try:
-        return _launch(job, run_dir)
-    except ConfigError as e:
-        print(f"ftcluster: config error: {e}", file=sys.stderr)
-        return 2
-
-
-def _launch(job: JobConfig, run_dir: Path) -> int:
     c: SlurmLauncherConfig = job.launcher
     if c.mode == "ray":
         import importlib.util

@@ -168,10 +168,8 @@ def ray_config(job: JobConfig, *, address: str, nodes: int) -> RayLauncherConfig
 
 
 def run_ray(job: JobConfig, run_dir: Path, *, address: str, nodes: int, wait_s: float) -> int:
-    from ftcluster.launch import ray as ray_launcher
+    from ftcluster.launch import ray as ray_launcher  # sets Ray Train's environment defaults
 
-    for k, v in ray_launcher.RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)  # as launch_ray does, but before this process connects
     import ray
 
     try:
