@@ -33,3 +33,20 @@ train() {
   [ "$status" = ok ] || tail -25 "$OUT/$name.log"
   [ "$status" = ok ]
 }
+
+# train_then_resume NAME STEPS overrides...: train STEPS steps with a checkpoint at STEPS, then the same
+# command to STEPS+2 (a resume from the adapter-only checkpoint); checkpoint sizes and the report
+# row under $OUT.
+train_then_resume() {
+  local name=$1 steps=$2; shift 2
+  train "$name" 420 "$@" checkpoint.every_steps="$steps" train.max_steps="$steps"
+  train "$name" 240 "$@" checkpoint.every_steps="$steps" train.max_steps=$((steps + 2))
+  du -sh "$WORK/$name/checkpoints"/step_* 2>&1 | tee -a "$OUT/checkpoint_sizes.txt"
+  python3 bench/big_report.py "$OUT/report.jsonl" "$WORK/$name" | tee "$OUT/summary.md"
+}
+
+# The 70B runs' common job: Llama-3.1-70B shape, random weights, LoRA r=16 on every linear, synthetic
+# data, micro-batch 1, activation checkpointing, bf16.
+BIG70=(model=llama3_70b peft.rank=16 peft.alpha=32 data=synthetic data.synthetic_samples=64
+       train.micro_batch_size=1 train.activation_checkpointing=true train.dtype=bf16
+       optim.lr=1e-4 optim.warmup_steps=0 logger=none)

@@ -4,7 +4,7 @@ Layout of a committed checkpoint `<run.dir>/checkpoints/step_<N>/`:
   engine/         model + optimizer, sharded, written by the parallel backend (FSDP2: torch.distributed
                   .checkpoint, which reshards on load). With checkpoint.adapter_only (the default) the
                   model part holds only trainable parameters: an adapter run's frozen base is rebuilt
-                  from model.path / the seed before loading, so a 70B LoRA checkpoint is megabytes.
+                  from model.path / the seed before loading: a 70B LoRA r=16 checkpoint is 2.4 GB (adapters + AdamW).
   rank_<r>.pt     per-rank state (RNG, data position as seen by that rank); tensors and plain types
                   only, loaded with weights_only=True
   config.yaml     the resolved config of the run that wrote it
