@@ -153,7 +153,9 @@ def resolve_checkpoint(path: Path) -> Path:
     raise ExportError(f"{path}: not a committed checkpoint (no meta.json) nor a run directory holding one")
 
 
-def load_source(path: Path) -> Source:
+def load_source(path: Path, *, trust_remote_code: bool = False) -> Source:
+    """The checkpoint and the run's config. `trust_remote_code` is the exporter's decision, not the
+    run's: a checkpoint from elsewhere must not run its model directory's code unless asked."""
     import yaml
     from omegaconf import OmegaConf
 
@@ -166,6 +168,7 @@ def load_source(path: Path) -> Source:
     data["launcher"] = None  # where it ran does not matter here
     job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), data))
     assert isinstance(job, JobConfig)
+    job = dataclasses.replace(job, model=dataclasses.replace(job.model, trust_remote_code=trust_remote_code))
     return Source(checkpoint=ckpt, job=job, meta=json.loads((ckpt / "meta.json").read_text()))
 
 
@@ -236,39 +239,44 @@ class BaseWeights:
         self.std = float(getattr(module.hf_model.config, "initializer_range", 0.02))
 
     def full(self, name: str, *, from_ckpt: dict[str, torch.Tensor]) -> torch.Tensor:
-        from ftcluster.quant import dequantize_nf4, is_nf4_param, nf4_module, nf4_weight_name, quantize_nf4
+        from ftcluster.model import nf4_full
+        from ftcluster.quant import dequantize_nf4, is_nf4_param, nf4_module
 
         if is_nf4_param(name):
-            lin = nf4_module(self.module, name)
             flat = from_ckpt.get(name)
             if flat is None:
-                flat = quantize_nf4(self._source(nf4_weight_name(name), torch.Size((lin.out_features, lin.in_features))),
-                                    storage_dtype=torch.float32)
-            return dequantize_nf4(flat.to(self.device), lin.layout, dtype=torch.float32).cpu()
+                flat = nf4_full(self.module, name, reader=self.reader, seed=self.job.seed, std=self.std,
+                                device=self.device, storage_dtype=torch.float32)
+            return dequantize_nf4(flat.to(self.device), nf4_module(self.module, name).layout, dtype=torch.float32).cpu()
         if name in from_ckpt:
             return from_ckpt[name].float()
         return self._source(name, self.module.get_parameter(name).shape).cpu()
 
     def _source(self, name: str, shape: torch.Size) -> torch.Tensor:
-        from ftcluster.model import _init_full, _tied_source, hf_key
+        from ftcluster.model import source_weight
 
-        if self.reader is not None:
-            key = hf_key(name)
-            cfg = self.module.hf_model.config
-            return self.reader.read(key, (), tied_fallback=_tied_source(key, cfg)).to(self.device, torch.float32)
-        return _init_full(name, shape, seed=self.job.seed, std=self.std, device=self.device).float()
+        return source_weight(name, shape, reader=self.reader, hf_config=self.module.hf_model.config,
+                             seed=self.job.seed, std=self.std, device=self.device).float()
+
+
+def _exact_rebuild(job, state, entries) -> bool:  # type: ignore[no-untyped-def]
+    """Whether weights missing from the checkpoint must be rebuilt on the device type training made
+    them on: seeded weights (CPU and CUDA random streams differ) and a QLoRA base (NF4 quantisation
+    on CUDA and on CPU can round differently; the adapters were trained against the CUDA one)."""
+    missing = any(e.param not in state.names() for e in entries)
+    return missing and (job.model.init == "random" or job.peft.method == "qlora")
 
 
 def _init_device(meta: dict, *, needed: bool) -> torch.device:
-    """Seeded weights must be regenerated on the device type that generated them (CPU and CUDA
-    random streams differ); quantisation runs there too."""
+    """The device type that made the run's weights (see _exact_rebuild); CPU when it is not needed
+    and no GPU is here."""
     kind = meta.get("init_device", "cpu")
     if kind == "cuda":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         if needed:
-            raise ExportError("this run's base weights were generated from the seed on a GPU; run the export on a "
-                              "machine with a GPU to regenerate the same weights")
+            raise ExportError("this run's base weights were generated from the seed or quantised on a GPU; run the "
+                              "export on a machine with a GPU to rebuild exactly the weights it trained against")
     return torch.device("cpu")
 
 
@@ -327,11 +335,7 @@ def write_model(out: Path, *, entries: list[Entry], base: BaseWeights, state: En
             got = state.read(sorted(set(wanted)))
             tensors: dict[str, torch.Tensor] = {}
             for e in shard:
-                w = base.full(e.param, from_ckpt=got)
-                if merge and e.lora:
-                    a, b, scaling = e.lora
-                    w = w + scaling * (got[b].float() @ got[a].float())
-                tensors[e.hf_name] = w.to(dtype).contiguous()
+                tensors[e.hf_name] = _value(e, base, got, merge=merge).to(dtype).contiguous()
                 weight_map[e.hf_name] = fname
                 total += tensors[e.hf_name].numel() * dtype.itemsize
             save_file(tensors, str(out / fname), metadata={"format": "pt"})
@@ -410,7 +414,8 @@ def write_adapter(out: Path, *, source: Source, module: nn.Module, state: Engine
 
 # --- the command ------------------------------------------------------------------------------------
 
-def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf16", max_shard_size: str = "5GB") -> dict:
+def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf16", max_shard_size: str = "5GB",
+           trust_remote_code: bool = False) -> dict:
     """Export a checkpoint (or a run dir's newest one) to `out` (created; must not hold files).
     Everything is written into a temporary sibling directory renamed to `out` at the end, so an
     interrupted export never leaves a half-written model under that name. Returns a summary (also
@@ -421,7 +426,8 @@ def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        summary = _export(checkpoint, tmp, final=out, merge=merge, dtype=dtype, max_shard_size=max_shard_size)
+        summary = _export(checkpoint, tmp, final=out, merge=merge, dtype=dtype, max_shard_size=max_shard_size,
+                          trust_remote_code=trust_remote_code)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -431,11 +437,12 @@ def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf
     return summary
 
 
-def _export(checkpoint: Path, out: Path, *, final: Path, merge: bool, dtype: str, max_shard_size: str) -> dict:
+def _export(checkpoint: Path, out: Path, *, final: Path, merge: bool, dtype: str, max_shard_size: str,
+            trust_remote_code: bool) -> dict:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: one of {', '.join(DTYPES)}; got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
-    source = load_source(checkpoint)
+    source = load_source(checkpoint, trust_remote_code=trust_remote_code)
     job = source.job
     method = job.peft.method
     if job.model.init == "pretrained" and not (job.model.path and Path(job.model.path).is_dir()):
@@ -445,8 +452,7 @@ def _export(checkpoint: Path, out: Path, *, final: Path, merge: bool, dtype: str
     module, hf_model = build_skeleton(job)
     entries = plan_entries(module)
     merged = merge or method == "none"
-    needs_seed = job.model.init == "random" and any(e.param not in state.names() for e in entries)
-    device = _init_device(source.meta, needed=needs_seed)
+    device = _init_device(source.meta, needed=_exact_rebuild(job, state, entries))
     base = BaseWeights(source=source, module=module, state=state, device=device)
     out.mkdir(parents=True, exist_ok=True)
     tdtype = DTYPES[dtype]
@@ -536,12 +542,17 @@ def export_command(argv: list[str]) -> int:
     p.add_argument("--merge", action="store_true", help="merge the adapters into the base and write the whole model")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of written weights (default bf16)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the base model directory's own Python code run (off by default, whatever the run "
+                        "used). Note: DeepSpeed checkpoints are read with DeepSpeed's own loader, which unpickles "
+                        "its files: export only DeepSpeed checkpoints you trust")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        summary = export(args.checkpoint, args.out, merge=args.merge, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        summary = export(args.checkpoint, args.out, merge=args.merge, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                         trust_remote_code=args.trust_remote_code)
     except ExportError as e:
         print(f"ftcluster export: {e}", file=sys.stderr)
         return 2
@@ -552,6 +563,15 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
+def _value(e: Entry, base: BaseWeights, got: dict[str, torch.Tensor], *, merge: bool) -> torch.Tensor:
+    """One exported weight in fp32: the base (or fully trained) value, plus scaling x B @ A when merging."""
+    w = base.full(e.param, from_ckpt=got)
+    if merge and e.lora:
+        a, b, scaling = e.lora
+        w = w + scaling * (got[b].float() @ got[a].float())
+    return w
+
+
 def iter_hf_tensors(checkpoint: Path, *, merge: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, fp32 tensor) of a checkpoint's model, one tensor at a time (merged by default):
     the export's streaming path without writing files."""
@@ -559,14 +579,9 @@ def iter_hf_tensors(checkpoint: Path, *, merge: bool = True) -> Iterator[tuple[s
     state = open_engine_state(source.checkpoint / "engine", backend=source.job.parallel.backend)
     module, _ = build_skeleton(source.job)
     entries = plan_entries(module)
-    needs_seed = source.job.model.init == "random"
-    base = BaseWeights(source=source, module=module, state=state, device=_init_device(source.meta, needed=needs_seed))
+    device = _init_device(source.meta, needed=_exact_rebuild(source.job, state, entries))
+    base = BaseWeights(source=source, module=module, state=state, device=device)
     held = state.names()
     for e in entries:
         wanted = ([e.param] if e.param in held else []) + (list(e.lora[:2]) if merge and e.lora else [])
-        got = state.read(wanted)
-        w = base.full(e.param, from_ckpt=got)
-        if merge and e.lora:
-            a, b, scaling = e.lora
-            w = w + scaling * (got[b].float() @ got[a].float())
-        yield e.hf_name, w
+        yield e.hf_name, _value(e, base, state.read(wanted), merge=merge)

@@ -55,7 +55,7 @@ def apply_trainable_modules(model: nn.Module, suffixes: list[str]) -> list[str]:
             raise ValueError(f"peft.trainable_modules: {suffix!r} matches no module of {type(model).__name__}")
         for mname, module in hits:
             for pname, p in module.named_parameters(recurse=True):
-                if ".lora_" in f".{pname}" or pname.startswith("lora_"):
+                if ".lora_" in f".{pname}":
                     continue  # adapters train anyway
                 p.requires_grad_(True)
                 switched.append(f"{mname}.{pname}")

@@ -241,8 +241,8 @@ def materialize(module: CausalLMWithLoss, *, cfg: ModelConfig, seed: int, device
         if local.numel() == 0:
             continue
         if is_nf4_param(name):  # QLoRA: one linear's full weight, quantised, this rank's slice kept
-            local.copy_(_nf4_full(module, name, reader=reader, seed=seed, std=std, device=device,
-                                  storage_dtype=local.dtype)[index])
+            local.copy_(nf4_full(module, name, reader=reader, seed=seed, std=std, device=device,
+                                 storage_dtype=local.dtype)[index])
             loaded += reader is not None
             initialised += reader is None
             continue
@@ -258,23 +258,33 @@ def materialize(module: CausalLMWithLoss, *, cfg: ModelConfig, seed: int, device
             src = full[index] if flat is None else full[index].reshape(-1)[flat]
             local.copy_(src.to(local.dtype))
             initialised += 1
+    if reader is not None:
+        reader.close()
     _reset_buffers(module, device)
     return {"loaded": loaded, "initialised": initialised}
 
 
-def _nf4_full(module: nn.Module, name: str, *, reader: "SafetensorsSlices | None", seed: int, std: float,
-              device: torch.device, storage_dtype: torch.dtype) -> torch.Tensor:
+def source_weight(name: str, shape: torch.Size, *, reader: "SafetensorsSlices | None", hf_config, seed: int,  # type: ignore[no-untyped-def]
+                  std: float, device: torch.device) -> torch.Tensor:
+    """The whole value a base weight starts from, on `device`: read from the model's safetensors
+    (in their dtype), or the seeded init of that name. Training's `materialize` reads only its
+    slices instead; export and the NF4 path need whole weights and use this."""
+    if reader is not None:
+        key = hf_key(name)
+        return reader.read(key, (), tied_fallback=_tied_source(key, hf_config)).to(device=device)
+    return _init_full(name, shape, seed=seed, std=std, device=device)
+
+
+def nf4_full(module: nn.Module, name: str, *, reader: "SafetensorsSlices | None", seed: int, std: float,
+             device: torch.device, storage_dtype: torch.dtype) -> torch.Tensor:
     """The full flat NF4 state of one quantised linear (ftcluster/quant.py), made on `device` from
-    the full-precision weight it stands for: read from safetensors, or the seeded init of the
-    same name a LoRA run would use. The full weight lives only for this call."""
+    the full-precision weight it stands for (source_weight). Training and export both call this,
+    so an export re-quantises exactly as training did. The full weight lives only for this call."""
     from ftcluster.quant import nf4_module, nf4_weight_name, quantize_nf4
 
     lin = nf4_module(module, name)
-    wname = nf4_weight_name(name)
-    if reader is not None:
-        w = reader.read(hf_key(wname), ()).to(device=device)
-    else:
-        w = _init_full(wname, torch.Size((lin.out_features, lin.in_features)), seed=seed, std=std, device=device)
+    w = source_weight(nf4_weight_name(name), torch.Size((lin.out_features, lin.in_features)), reader=reader,
+                      hf_config=module.hf_model.config, seed=seed, std=std, device=device)
     return quantize_nf4(w, storage_dtype=storage_dtype)
 
 
@@ -334,6 +344,13 @@ class SafetensorsSlices:
 
             self._handles[filename] = safe_open(str(self.directory / filename), framework="pt")
         return self._handles[filename]
+
+    def close(self) -> None:
+        """Close the open files (positioned reads) and drop safetensors' mapped handles."""
+        for f in self._files.values():
+            f.close()  # type: ignore[attr-defined]
+        self._files.clear()
+        self._handles.clear()
 
     def _file(self, filename: str):  # type: ignore[no-untyped-def]
         if filename not in self._files:

@@ -110,7 +110,10 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
                               fused_linear_ce=job.model.liger)
     counts = count_params(module)
 
+    init_device: list[str] = []  # where the backend made the weights (host memory under CPU offload)
+
     def _materialize(m: torch.nn.Module, device: torch.device) -> None:
+        init_device.append(device.type)
         stats = materialize(m, cfg=job.model, seed=job.seed, device=device)  # type: ignore[arg-type]
         log.info("weights: %d tensors loaded from %s, %d initialised from seed %d", stats["loaded"],
                  job.model.path or "-", stats["initialised"], job.seed)
@@ -182,7 +185,7 @@ def _train(job: JobConfig, run_dir: Path, d: Dist, *, on_log: Callable[[dict], N
                 "logger_run_id": logger_run_id,
                 # For `ftcluster export`: whether the frozen base is in the checkpoint, and on which
                 # device type seeded weights were generated (CPU and CUDA generators differ).
-                "adapter_only": job.checkpoint.adapter_only, "init_device": d.device_type}
+                "adapter_only": job.checkpoint.adapter_only, "init_device": init_device[0]}
         kill_in_save = _kill_job if job.debug.kill_in_save_at_step == step else None
         secs = ckpt.save(step=step, engine=engine, rank_state=rank_state,
                          meta=meta, config_yaml=config_yaml, before_commit=kill_in_save)
