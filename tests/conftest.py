@@ -27,6 +27,26 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | N
                           capture_output=True, text=True, timeout=timeout, start_new_session=new_session)
 
 
+def train_ok(*args: str, run: Path, cwd: Path, env: dict[str, str] | None = None,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ftcluster train <args> run.dir=<run>`, which must succeed."""
+    p = run_cli("train", *args, f"run.dir={run}", cwd=cwd, env=env, timeout=timeout)
+    assert p.returncode == 0, explain(p)
+    return p
+
+
+def compose_job(*overrides: str):  # type: ignore[no-untyped-def]
+    """The validated JobConfig the CLI would build from these overrides (Hydra compose, no process)."""
+    from hydra import compose, initialize_config_dir
+
+    from ftcluster import driver
+    from ftcluster.config import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return driver.to_job(compose("config", overrides=list(overrides)))
+
+
 def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

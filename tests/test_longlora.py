@@ -332,4 +332,5 @@ def test_cli_longlora_trains_and_commits(tmp_path: Path) -> None:
     p = run_cli("train", "peft=longlora", "model.attn_implementation=sdpa", "data.max_seq_len=256", "train.max_steps=1",
                 "checkpoint.enabled=false", f"run.dir={ref}", cwd=tmp_path)
     assert p.returncode == 0, explain(p)
-    assert math.isfinite(losses(ref)[1]) and losses(ref)[1] != got[1]
+    full = losses(ref)[1]
+    assert math.isfinite(full) and abs(full - got[1]) > 1e-4 * abs(got[1])  # beyond float noise

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, committed_steps, events, explain, losses, run_cli
+from conftest import cli_env, committed_steps, events, explain, losses, run_cli, train_ok
 
 RAY_JOB = ["launcher=ray", "launcher.address=auto", "launcher.num_workers=2", "peft=lora", "train.max_steps=10",
            "checkpoint.every_steps=2"]
@@ -202,10 +202,8 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 def reference(ray_env: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """The issue's job, undisturbed: 2 Ray workers to a committed step-10 checkpoint."""
     cwd = tmp_path_factory.mktemp("ray_ref")
-    run = cwd / "X"
-    p = run_cli("train", *RAY_JOB, f"run.dir={run}", cwd=cwd, env=ray_env, timeout=300)
-    assert p.returncode == 0, explain(p)
-    return run, p
+    p = train_ok(*RAY_JOB, run=cwd / "X", cwd=cwd, env=ray_env, timeout=300)
+    return cwd / "X", p
 
 
 def test_two_workers_commit_step_10(reference: tuple[Path, subprocess.CompletedProcess]) -> None:
