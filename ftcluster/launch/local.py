@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -38,6 +39,7 @@ def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  #
     """Run `rank_entry` on this host's ranks with torch elastic (`config`: a LaunchConfig). A failed
     rank's traceback goes to logs/rank<r>.error (unless the rank already wrote one) and one line per
     failed rank to stderr. Returns the exit code. `where` prefixes messages (e.g. "node x: ")."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -47,13 +49,21 @@ def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  #
     quiet = logging.getLogger("torch.distributed.elastic.multiprocessing")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
+    stopped = f"ftcluster: {where}stopped by SIGTERM; the newest committed checkpoint is in {run_dir / 'checkpoints'}"
     try:
         elastic_launch(config, rank_entry)(job, str(run_dir))
+    except SignalException as e:
+        # This process got SIGTERM too (scancel signals every process of the job; a user may signal
+        # only the launcher): torch elastic passed it on to the ranks, which checkpoint and stop
+        # (train.py), and waited for them. Not a crash; exit as a process killed by SIGTERM would.
+        if e.sigval != signal.SIGTERM:
+            raise
+        print(stopped, file=sys.stderr, flush=True)
+        return TERMINATED_EXIT_CODE
     except ChildFailedError as e:
         if all(f.exitcode == TERMINATED_EXIT_CODE for f in e.failures.values()):
-            # SIGTERM: every rank agreed on it, checkpointed if it could (train.py logged where) and
-            # exited 143 on purpose. Not a crash; exit as a process killed by SIGTERM would.
-            print(f"ftcluster: {where}stopped by SIGTERM; logs in {run_dir / 'logs'}", file=sys.stderr, flush=True)
+            # Only the ranks got SIGTERM: they agreed on it, checkpointed and exited 143 on purpose.
+            print(stopped, file=sys.stderr, flush=True)
             return TERMINATED_EXIT_CODE
         print(f"ftcluster: {where}training failed on {len(e.failures)} rank(s); logs in {run_dir / 'logs'}",
               file=sys.stderr)

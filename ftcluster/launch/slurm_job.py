@@ -97,8 +97,9 @@ def run_torchrun(job: JobConfig, run_dir: Path, *, nnodes: int, rdzv_endpoint: s
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // nproc)))
     print(f"ftcluster: node {host}: {nproc} rank(s), {nnodes} node(s), rendezvous {rdzv_endpoint} ({rdzv_id})",
           flush=True)
-    if run_elastic(config, job, run_dir, where=f"node {host}: ") != 0:
-        return 1
+    code = run_elastic(config, job, run_dir, where=f"node {host}: ")
+    if code != 0:
+        return code  # 1: failed; 143: stopped by SIGTERM after its checkpoint
     _preempted_note(run_dir)
     return 0
 
