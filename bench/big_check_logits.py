@@ -21,7 +21,8 @@ def main() -> None:
     ckpt, merged_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     from transformers import AutoModelForCausalLM
 
-    from ftcluster.export import DCPState, build_skeleton, load_source
+    from ftcluster.export import build_skeleton, load_source
+    from ftcluster.parallel.fsdp import CheckpointReader as DCPState
     from ftcluster.model import materialize
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -301,19 +301,6 @@ class ParallelConfig:
             _require(not self.deepspeed_overrides, "parallel.deepspeed_overrides",
                      f"only used by the DeepSpeed backends ({', '.join(ZERO_BACKENDS)}); parallel.backend is {self.backend}")
 
-    def validate_job(self, job: "JobConfig") -> None:
-        """Rules across groups: backend x PEFT method, and (DeepSpeed) the generated config plus
-        parallel.deepspeed_overrides through DeepSpeed's own config model. No process group exists."""
-        if self.backend in ZERO_BACKENDS and job.peft.method == "qlora":
-            # NF4Linear's flat quantised state is sharded by FSDP2's fully_shard; ZeRO would cast,
-            # flatten or partition it in ways it does not survive.
-            _fail("parallel.backend", f"QLoRA does not work with DeepSpeed {self.backend} (its 4-bit base weights "
-                  "cannot be cast, flattened or partitioned by ZeRO); use parallel=fsdp2 for QLoRA")
-        if self.backend in ZERO_BACKENDS:
-            from ftcluster.parallel.deepspeed import check_deepspeed_config
-
-            check_deepspeed_config(job)
-
 
 @dataclass(kw_only=True)
 class LocalLauncherConfig:
@@ -643,7 +630,6 @@ class JobConfig:
         for group in (self.run, self.model, self.data, self.peft, self.parallel, self.launcher,
                       self.train, self.optim, self.checkpoint, self.logger, self.debug):
             group.validate()
-        self.parallel.validate_job(self)
         _require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")
         if self.resume not in ("auto", "never"):
             p = Path(self.resume)

@@ -25,7 +25,11 @@ def to_job(cfg: DictConfig) -> JobConfig:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key or '<config>'}: {getattr(e, 'msg', str(e))}") from None
     assert isinstance(job, JobConfig)
-    return job.validate()
+    job.validate()
+    from ftcluster.parallel import check_job  # the backend's own checks (DeepSpeed's config model)
+
+    check_job(job)
+    return job
 
 
 def visible_gpus() -> int:

@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from ftcluster.config import JobConfig
+from ftcluster.parallel import CheckpointFormatError, EngineState
 
 log = logging.getLogger("ftcluster")
 
@@ -60,75 +61,14 @@ class ExportError(ValueError):
 
 # --- what a checkpoint holds: the reader seam -------------------------------------------------------
 
-class EngineState(Protocol):
-    def names(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """Parameters of the trained module held by the checkpoint: name -> (shape, dtype)."""
-
-    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Those parameters, full (unsharded), on the CPU."""
-
-
-class DCPState:
-    """An FSDP2 checkpoint (torch.distributed.checkpoint) read offline without a process group.
-    Keys are `model.<parameter name>` (and `optim.*`, ignored)."""
-
-    def __init__(self, directory: Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        self.directory = directory
-        md = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-        self._names = {k[len("model."):]: (torch.Size(m.size), m.properties.dtype) for k, m in md.items()
-                       if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-
-    def names(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        return self._names
-
-    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
-
-        if not names:
-            return {}
-        sd = {f"model.{n}": torch.empty(self._names[n][0], dtype=self._names[n][1]) for n in names}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
-            dcp.load(sd, storage_reader=FileSystemReader(str(self.directory)), no_dist=True)
-        return {n: sd[f"model.{n}"] for n in names}
-
-
-class DeepSpeedState:
-    """A DeepSpeed ZeRO checkpoint (`<engine>/ds`, written by parallel/deepspeed.py): the fp32 master
-    weights of the trainable parameters, from DeepSpeed's zero_to_fp32 in lazy mode (the optimizer
-    partitions are memory-mapped and each tensor is assembled when read). Frozen weights are never
-    in it (DeepSpeed saves with exclude_frozen_parameters)."""
-
-    def __init__(self, directory: Path) -> None:
-        from ftcluster.parallel.deepspeed import TAG
-
-        if not (directory / TAG).is_dir():
-            raise ExportError(f"{directory}: no DeepSpeed checkpoint (expected {directory / TAG})")
-        with _quiet():
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG,
-                                                                  exclude_frozen_parameters=True, lazy_mode=True)
-        self._names = {n: (torch.Size(t.shape), torch.float32) for n, t in self._lazy.items()}
-
-    def names(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        return self._names
-
-    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {n: self._lazy[n].contiguous().to("cpu", torch.float32) for n in names}
-
-
 def open_engine_state(directory: Path, *, backend: str) -> EngineState:
-    """The reader for the `engine/` directory a `parallel.backend` wrote."""
-    if backend == "fsdp2":
-        return DCPState(directory)
-    if backend.startswith("zero"):
-        return DeepSpeedState(directory)
-    raise ExportError(f"parallel.backend={backend}: no checkpoint reader for this backend")
+    """The reader for the `engine/` directory a `parallel.backend` wrote (the backend table's)."""
+    from ftcluster.parallel import backend_for
+
+    try:
+        return backend_for(backend).open_checkpoint(directory)
+    except CheckpointFormatError as e:
+        raise ExportError(str(e)) from None
 
 
 # --- the run a checkpoint came from -----------------------------------------------------------------
@@ -522,14 +462,6 @@ def _unquantised_full(base: BaseWeights):  # type: ignore[no-untyped-def]
         return plain(name, from_ckpt=from_ckpt)
 
     return full
-
-
-def _quiet():  # type: ignore[no-untyped-def]
-    """DeepSpeed prints to stdout on import."""
-    import contextlib
-    import io
-
-    return contextlib.redirect_stdout(io.StringIO())
 
 
 def export_command(argv: list[str]) -> int:

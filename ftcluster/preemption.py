@@ -16,6 +16,7 @@ script reads to decide that the job should be requeued.
 """
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import threading
@@ -35,6 +36,22 @@ TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 """Exit status of a run stopped by SIGTERM (after its best-effort checkpoint), as if killed by it."""
 
 _SIGNALS = {signal.SIGUSR1: PREEMPT, signal.SIGTERM: TERMINATE}
+
+
+class StopReason(enum.IntEnum):
+    """Why `train()` returned. Library code never exits the process: the launcher's rank entry
+    turns this into the rank's exit code (`exit_code`)."""
+    FINISHED = 0
+    """Reached train.max_steps."""
+    PREEMPTED = PREEMPT
+    """SIGUSR1 or the request file: checkpointed, a clean stop; resume=auto continues."""
+    TERMINATED = TERMINATE
+    """SIGTERM: checkpointed (best effort), exit as if killed by SIGTERM."""
+
+
+def exit_code(reason: StopReason) -> int:
+    """The process exit code a rank reports for a stop reason."""
+    return TERMINATED_EXIT_CODE if reason == StopReason.TERMINATED else 0
 
 
 class StopRequests:

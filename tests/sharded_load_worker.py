@@ -37,7 +37,7 @@ def _load(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def]
     from ftcluster.metrics import host_rss_gib
     from ftcluster.model import (CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model,
                                  decoder_layer_classes, hf_key, materialize)
-    from ftcluster.parallel.fsdp import FSDP2Engine
+    from ftcluster.parallel.fsdp import Engine as FSDP2Engine
 
     job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(),
                     train=TrainConfig(dtype="fp32"))
@@ -74,7 +74,7 @@ def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def
     from ftcluster.config import JobConfig, LocalLauncherConfig, ModelConfig, PeftConfig, TrainConfig
     from ftcluster.model import (CausalLMWithLoss, SafetensorsSlices, _local_slice, apply_peft, build_hf_config,
                                  build_meta_model, decoder_layer_classes, hf_key, materialize)
-    from ftcluster.parallel.fsdp import FSDP2Engine
+    from ftcluster.parallel.fsdp import Engine as FSDP2Engine
     from ftcluster.quant import is_nf4_param, nf4_weight_name, quantize_nf4
 
     fp32 = mode == "qlora32"

@@ -48,7 +48,8 @@ def trained_logits(ckpt: Path, *, trained: bool = True) -> torch.Tensor:
     layers for QLoRA), base weights materialised from the run's source, every tensor the
     checkpoint holds loaded on top; logits = output head over the decoder's last hidden state.
     trained=False: the same model as the run started (nothing loaded), to show training moved it."""
-    from ftcluster.export import DCPState, build_skeleton, load_source
+    from ftcluster.export import build_skeleton, load_source
+    from ftcluster.parallel.fsdp import CheckpointReader as DCPState
     from ftcluster.model import materialize
 
     src = load_source(ckpt)

@@ -1,21 +1,50 @@
 """The one seam over parallelism backends: `parallelize(module, ...) -> Engine`.
 
-The training loop talks only to the Engine protocol below and never branches on the backend:
-`parallel.backend=fsdp2` is parallel/fsdp.py, `zero1|zero2|zero3` is parallel/deepspeed.py.
+The training loop talks only to the Engine protocol below and never branches on the backend.
+`BACKENDS` is the one table from a `parallel.backend` name to the module that implements it; each
+such module provides `Engine` (training), `CheckpointReader` (its checkpoints read offline, for
+export, beside the code that writes them) and `check_job` (driver-side config checks).
 Order inside every backend: the module arrives with PEFT and activation checkpointing already
 applied (on the meta device); the backend shards it, then calls `materialize` so each rank fills
 only its own shards, then builds the optimizer over the trainable (sharded) parameters.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Callable, Protocol
+from types import ModuleType
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 
 from ftcluster.config import JobConfig
 from ftcluster.distributed import Dist
+
+BACKENDS: dict[str, str] = {
+    "fsdp2": "ftcluster.parallel.fsdp",
+    "zero1": "ftcluster.parallel.deepspeed",
+    "zero2": "ftcluster.parallel.deepspeed",
+    "zero3": "ftcluster.parallel.deepspeed",
+}
+"""`parallel.backend` -> the module implementing it (imported on first use: DeepSpeed is heavy)."""
+
+
+class CheckpointFormatError(ValueError):
+    """An `engine/` directory is not what the backend that reads it writes."""
+
+
+def backend_for(name: str) -> ModuleType:
+    """The module implementing backend `name` (Engine, CheckpointReader, check_job)."""
+    if name not in BACKENDS:
+        raise ValueError(f"parallel.backend: unknown backend {name!r}; one of {', '.join(BACKENDS)}")
+    return importlib.import_module(BACKENDS[name])
+
+
+def check_job(job: JobConfig) -> None:
+    """The backend's own checks of a validated job, in the driver before any process starts
+    (ConfigError naming the key)."""
+    backend_for(job.parallel.backend).check_job(job)
 
 
 class Engine(Protocol):
@@ -45,18 +74,21 @@ class Engine(Protocol):
         """Collective: restore what save_state wrote, resharding to the current world size."""
 
 
+class EngineState(Protocol):
+    """A backend's checkpoint (`engine/`) read offline, without a process group."""
+
+    def names(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Parameters of the trained module held by the checkpoint: name -> (shape, dtype)."""
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Those parameters, full (unsharded), on the CPU."""
+
+
 Materialize = Callable[[nn.Module, torch.device], None]
 """Allocates a (sharded, meta) module's parameters on a device and fills them."""
 
 
 def parallelize(module: nn.Module, *, job: JobConfig, dist: Dist, materialize: Materialize,
                 layer_classes: set[str]) -> Engine:
-    if job.parallel.backend == "fsdp2":
-        from ftcluster.parallel.fsdp import FSDP2Engine
-
-        return FSDP2Engine(module, job=job, dist=dist, materialize=materialize, layer_classes=layer_classes)
-    if job.parallel.backend in ("zero1", "zero2", "zero3"):
-        from ftcluster.parallel.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(module, job=job, dist=dist, materialize=materialize, layer_classes=layer_classes)
-    raise ValueError(f"parallel.backend: unknown backend {job.parallel.backend!r}")
+    engine_cls = backend_for(job.parallel.backend).Engine
+    return engine_cls(module, job=job, dist=dist, materialize=materialize, layer_classes=layer_classes)

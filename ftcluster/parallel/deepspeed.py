@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ import sys
 import traceback
 from collections.abc import KeysView
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -192,6 +193,17 @@ class _ReadTracker(dict):
         return KeysView(self)  # membership tests go through __contains__
 
 
+def check_job(job: JobConfig) -> None:
+    """Driver-side checks of a ZeRO job (no process group, no device): backend x PEFT method, then
+    the generated DeepSpeed config through DeepSpeed's own config model."""
+    if job.peft.method == "qlora":
+        # NF4Linear's flat quantised state is sharded by FSDP2's fully_shard; ZeRO would cast,
+        # flatten or partition it in ways it does not survive.
+        raise ConfigError(f"parallel.backend: QLoRA does not work with DeepSpeed {job.parallel.backend} (its 4-bit "
+                          "base weights cannot be cast, flattened or partitioned by ZeRO); use parallel=fsdp2 for QLoRA")
+    check_deepspeed_config(job)
+
+
 def check_deepspeed_config(job: JobConfig) -> None:
     """Refuse overrides of owned keys, then validate the merged config with DeepSpeed's config model
     (`deepspeed.runtime.config.DeepSpeedConfig` and its pydantic sub-models). Raises ConfigError
@@ -294,7 +306,7 @@ def _failed_op(e: BaseException) -> str | None:
 
 # --- the engine ----------------------------------------------------------------------------------
 
-class DeepSpeedEngine:
+class Engine:
     def __init__(self, module: nn.Module, *, job: JobConfig, dist: Dist, materialize, layer_classes: set[str]) -> None:  # type: ignore[no-untyped-def]
         with _quiet_deepspeed():
             import deepspeed
@@ -518,7 +530,7 @@ def _global_grad_norm(opt) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return norm / float(getattr(opt, "loss_scale", 1.0) or 1.0)
 
 
-def _guard_step(inner: torch.optim.Optimizer, engine: DeepSpeedEngine) -> None:
+def _guard_step(inner: torch.optim.Optimizer, engine: Engine) -> None:
     """DeepSpeed's own optimizers do not read `found_inf`: skip their update from the host flag."""
     original = inner.step
 
@@ -550,3 +562,28 @@ def _universal_checkpoint(directory: Path, d: Dist) -> Path:
         os.rename(tmp, out)
     barrier()
     return out
+
+
+class CheckpointReader:
+    """A DeepSpeed ZeRO checkpoint (`<engine>/ds`, written by `Engine.save_state`) read offline
+    (`ftcluster export`): the fp32 master weights of the trainable parameters, from DeepSpeed's
+    zero_to_fp32 in lazy mode (the optimizer partitions are memory-mapped and each tensor is
+    assembled when read). Frozen weights are never in it (saved with exclude_frozen_parameters)."""
+
+    def __init__(self, directory: Path) -> None:
+        from ftcluster.parallel import CheckpointFormatError
+
+        if not (directory / TAG).is_dir():
+            raise CheckpointFormatError(f"{directory}: no DeepSpeed checkpoint (expected {directory / TAG})")
+        with _quiet_deepspeed(), contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints on import
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG,
+                                                                  exclude_frozen_parameters=True, lazy_mode=True)
+        self._names = {n: (torch.Size(t.shape), torch.float32) for n, t in self._lazy.items()}
+
+    def names(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        return self._names
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {n: self._lazy[n].contiguous().to("cpu", torch.float32) for n in names}

@@ -14,7 +14,9 @@ saved; on load a frozen parameter is restored only if the checkpoint holds it.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -28,7 +30,7 @@ from ftcluster.optim import build_optimizer, set_lr
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class FSDP2Engine:
+class Engine:
     def __init__(self, module: nn.Module, *, job: JobConfig, dist: Dist, materialize, layer_classes: set[str]) -> None:  # type: ignore[no-untyped-def]
         self.dist = dist
         self.adapter_only = job.checkpoint.adapter_only
@@ -104,3 +106,36 @@ class FSDP2Engine:
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
+
+
+def check_job(job: JobConfig) -> None:
+    """Driver-side checks of an FSDP2 job (no process group, no device): none beyond the schema's."""
+
+
+class CheckpointReader:
+    """An FSDP2 checkpoint (torch.distributed.checkpoint) read offline without a process group
+    (`ftcluster export`). Keys are `model.<parameter name>` (and `optim.*`, ignored)."""
+
+    def __init__(self, directory: Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.directory = directory
+        md = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        self._names = {k[len("model."):]: (torch.Size(m.size), m.properties.dtype) for k, m in md.items()
+                       if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+
+    def names(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        return self._names
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+
+        if not names:
+            return {}
+        sd = {f"model.{n}": torch.empty(self._names[n][0], dtype=self._names[n][1]) for n in names}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
+            dcp.load(sd, storage_reader=FileSystemReader(str(self.directory)), no_dist=True)
+        return {n: sd[f"model.{n}"] for n in names}
