@@ -66,7 +66,7 @@ def open_engine_state(directory: Path, *, backend: str) -> EngineState:
     from ftcluster.parallel import backend_for
 
     try:
-        return backend_for(backend).open_checkpoint(directory)
+        return backend_for(backend).CheckpointReader(directory)
     except CheckpointFormatError as e:
         raise ExportError(str(e)) from None
 
