@@ -5,11 +5,15 @@ Layout of a committed checkpoint `<run.dir>/checkpoints/step_<N>/`:
                   .checkpoint, which reshards on load). With checkpoint.adapter_only (the default) the
                   model part holds only trainable parameters: an adapter run's frozen base is rebuilt
                   from model.path / the seed before loading: a 70B LoRA r=16 checkpoint is 2.4 GB (adapters + AdamW).
-  rank_<r>.pt     per-rank state (RNG, data position as seen by that rank); tensors and plain types
-                  only, loaded with weights_only=True
+  rank_<r>.pt     per-rank state (RNG); tensors and plain types only, loaded with weights_only=True
   config.yaml     the resolved config of the run that wrote it
-  meta.json       step, tokens seen, world size, data position, logger run id, adapter_only, the device
-                  type seeded weights were made on (for `ftcluster export`). Written last.
+  meta.json       step, world size, and the state_dict() of each global stateful object the loop
+                  hands over (train progress, data position, logger run id, how the model was built
+                  for `ftcluster export`). Written last.
+
+The manager owns the policy: when to save (`due`), what a checkpoint holds (the engine plus named
+`Stateful` objects: it asks each for its state and gives it back on load), where it goes, how many
+stay. The loop hands it objects, never hand-built metadata.
 
 Commit protocol: every rank writes into `checkpoints/.tmp-step_<N>/`; after a barrier (every rank
 finished) rank 0 writes meta.json, fsyncs, and renames the directory to `step_<N>` (atomic on POSIX
@@ -25,23 +29,34 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from ftcluster.config import CheckpointConfig
 from ftcluster.distributed import Dist, barrier
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 
 
+class Stateful(Protocol):
+    """Anything the checkpoint manager saves: plain types (and, per rank, tensors) in, the same out."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass(kw_only=True)
 class Loaded:
     path: Path
-    meta: dict
-    rank_state: dict | None
-    """This rank's saved state, or None when the checkpoint was written at another world size
-    (or by fewer ranks than this one)."""
+    step: int
+    world_size: int
+    """The world size that wrote the checkpoint."""
+    rank_state_restored: bool
+    """Whether this rank's own state (RNG) was restored: only when the checkpoint was written at
+    this world size (else the caller seeds fresh, deterministic per-rank streams)."""
 
 
 def _step_of(p: Path) -> int | None:
@@ -62,10 +77,18 @@ def committed_checkpoints(run_dir: Path) -> list[Path]:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, *, keep_last: int, dist_info: Dist) -> None:
+    def __init__(self, run_dir: Path, *, cfg: CheckpointConfig, dist_info: Dist) -> None:
         self.dir = run_dir / "checkpoints"
-        self.keep_last = keep_last
+        self.cfg = cfg
+        self.keep_last = cfg.keep_last
         self.d = dist_info
+
+    def due(self, step: int, *, last: bool) -> bool:
+        """Whether `step` is a save point: every `checkpoint.every_steps` steps and the last step."""
+        if not self.cfg.enabled:
+            return False
+        every = self.cfg.every_steps
+        return last or bool(every and step % every == 0)
 
     def committed(self) -> list[Path]:
         """Committed checkpoints, oldest first."""
@@ -88,9 +111,11 @@ class CheckpointManager:
 
     # --- save ---------------------------------------------------------------------------------
 
-    def save(self, *, step: int, engine, rank_state: dict, meta: dict, config_yaml: str,  # type: ignore[no-untyped-def]
-             before_commit: Callable[[], None] | None = None) -> float:
-        """Write and commit checkpoint `step`. Collective: every rank calls it. Returns seconds.
+    def save(self, *, step: int, engine, state: Mapping[str, Stateful], rank_state: Mapping[str, Stateful],  # type: ignore[no-untyped-def]
+             config_yaml: str, before_commit: Callable[[], None] | None = None) -> float:
+        """Write and commit checkpoint `step`: the engine's shards, each of `state` (global: the
+        same on every rank, written once by rank 0 into meta.json) and each of `rank_state` (this
+        rank's, into rank_<r>.pt). Collective: every rank calls it. Returns seconds.
         `before_commit` runs on rank 0 between the last write and the commit (a test hook)."""
         t0 = time.perf_counter()
         final = self.dir / f"{STEP_PREFIX}{step}"
@@ -102,11 +127,11 @@ class CheckpointManager:
             tmp.mkdir()
         barrier()
         engine.save_state(tmp / "engine")
-        _atomic_torch_save(rank_state, tmp / f"rank_{self.d.rank}.pt")
+        _atomic_torch_save({k: v.state_dict() for k, v in rank_state.items()}, tmp / f"rank_{self.d.rank}.pt")
         barrier()  # every rank's shards and state are on disk
         if self.d.is_main:
             (tmp / "config.yaml").write_text(config_yaml)
-            meta = {**meta, "step": step, "world_size": self.d.world_size, "saved_at": time.time()}
+            meta = {**{k: v.state_dict() for k, v in state.items()}, "step": step, "world_size": self.d.world_size}
             _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
             _fsync_tree(tmp)
             if before_commit is not None:
@@ -127,23 +152,39 @@ class CheckpointManager:
     def _prune(self) -> None:
         committed = self.committed()
         for p in committed[: max(0, len(committed) - self.keep_last)]:
-            shutil.rmtree(p, ignore_errors=True)
+            # Out of the committed namespace first (one atomic rename), then delete: a crash or a
+            # failing delete leaves a `.tmp-` leftover, never a half-deleted "committed" checkpoint.
+            doomed = self.dir / f"{TMP_PREFIX}pruned-{p.name}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.rename(p, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         for p in self.dir.iterdir():  # leftovers of crashed saves, never a committed checkpoint
             if p.name.startswith(TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
 
     # --- load ---------------------------------------------------------------------------------
 
-    def load(self, path: Path, *, engine) -> Loaded:  # type: ignore[no-untyped-def]
-        """Restore the engine (model, optimizer; resharded by the backend) from `path` and return
-        the run's metadata and this rank's saved state."""
-        meta = json.loads((path / "meta.json").read_text())
+    def load(self, path: Path, *, engine, state: Mapping[str, Stateful],  # type: ignore[no-untyped-def]
+             rank_state: Mapping[str, Stateful]) -> Loaded:
+        """Restore the engine (model, optimizer; resharded by the backend) and each of `state` from
+        `path`; each of `rank_state` too when the checkpoint was written at this world size."""
+        meta = read_meta(path)
         engine.load_state(path / "engine")
+        for key, obj in state.items():
+            if key in meta:
+                obj.load_state_dict(meta[key])
         rank_file = path / f"rank_{self.d.rank}.pt"
-        rank_state = None
-        if meta.get("world_size") == self.d.world_size and rank_file.is_file():
-            rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
-        return Loaded(path=path, meta=meta, rank_state=rank_state)
+        restored = meta.get("world_size") == self.d.world_size and rank_file.is_file()
+        if restored:
+            saved = torch.load(rank_file, weights_only=True, map_location="cpu")
+            for key, obj in rank_state.items():
+                obj.load_state_dict(saved[key])
+        return Loaded(path=path, step=int(meta["step"]), world_size=int(meta["world_size"]), rank_state_restored=restored)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a committed checkpoint (no process group needed)."""
+    return json.loads((path / "meta.json").read_text())
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
@@ -182,14 +223,16 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class RNGState:
+    """This process's torch RNG streams (CPU, and CUDA where present) as a Stateful."""
 
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])

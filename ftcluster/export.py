@@ -113,15 +113,13 @@ def load_source(path: Path, *, trust_remote_code: bool = False) -> Source:
 
 
 def build_skeleton(job: JobConfig) -> tuple[nn.Module, nn.Module]:
-    """(trained module, HF model) exactly as training built them, on the meta device: the same
-    parameter names, shapes and PEFT wrapping (QLoRA's NF4 layers included). No memory."""
-    from ftcluster.model import CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model
+    """(trained module, HF model) exactly as training built them (`build_module`), on the meta
+    device: the same parameter names, shapes and PEFT wrapping (QLoRA's NF4 layers included)."""
+    from ftcluster.model import build_module
 
-    mcfg = dataclasses.replace(job.model, liger=False)  # GPU kernels change no parameter
-    hf_config = build_hf_config(mcfg)
-    hf_model = build_meta_model(mcfg, hf_config)
-    trained = apply_peft(hf_model, job)
-    return CausalLMWithLoss(model=trained, hf_model=hf_model, chunk_size=1), hf_model
+    job = dataclasses.replace(job, model=dataclasses.replace(job.model, liger=False))  # GPU kernels change no parameter
+    built = build_module(job)
+    return built.module, built.hf_model
 
 
 # --- tensors of the export --------------------------------------------------------------------------
@@ -210,7 +208,7 @@ def _exact_rebuild(job, state, entries) -> bool:  # type: ignore[no-untyped-def]
 def _init_device(meta: dict, *, needed: bool) -> torch.device:
     """The device type that made the run's weights (see _exact_rebuild); CPU when it is not needed
     and no GPU is here."""
-    kind = meta.get("init_device", "cpu")
+    kind = meta.get("model", meta).get("init_device", "cpu")  # older checkpoints: at the top level
     if kind == "cuda":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())

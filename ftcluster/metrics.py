@@ -12,8 +12,11 @@ import json
 import os
 import secrets
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 PEAK_FLOPS_PER_GPU = 989e12
 
@@ -21,6 +24,72 @@ PEAK_FLOPS_PER_GPU = 989e12
 def flops_per_token(*, n_frozen: int, n_trainable: int, n_layers: int, hidden: int, attn_span: int) -> float:
     """Model FLOPs per token (forward + backward), embedding table excluded by the caller."""
     return 4 * n_frozen + 6 * n_trainable + 12 * n_layers * hidden * attn_span
+
+
+@dataclass(kw_only=True)
+class FlopsModel:
+    """The DESIGN.md formula's constants for one model: N split into frozen and trainable (input
+    embedding table excluded), layers L, width d; `attended_span` maps a batch width to S_attn."""
+    n_frozen: int
+    n_trainable: int
+    n_layers: int
+    hidden: int
+    attended_span: Callable[[int], int]
+
+    def per_token(self, width: int) -> float:
+        return flops_per_token(n_frozen=self.n_frozen, n_trainable=self.n_trainable, n_layers=self.n_layers,
+                               hidden=self.hidden, attn_span=self.attended_span(width))
+
+
+@dataclass(kw_only=True)
+class ThroughputWindow:
+    """tokens/s and MFU between two log points, from host clocks and the token count read at the
+    log point's one host sync. Time spent checkpointing or evaluating is `exclude`d."""
+    flops: FlopsModel
+    world_size: int
+    on_gpu: bool
+    t0: float = field(default_factory=time.perf_counter)
+    tokens_at_t0: float = 0.0
+    steps: int = 0
+    fpt_sum: float = 0.0
+
+    def add_step(self, *, width: int) -> None:
+        self.steps += 1
+        self.fpt_sum += self.flops.per_token(width)
+
+    def exclude(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def read(self, tokens_total: float) -> dict[str, float | None]:
+        """The window's rates (real tokens over all ranks), then start the next window."""
+        now = time.perf_counter()
+        tps = (tokens_total - self.tokens_at_t0) / max(now - self.t0, 1e-9)
+        fpt = self.fpt_sum / max(self.steps, 1)  # mean model FLOPs per token over the window
+        mfu = (tps * fpt / (PEAK_FLOPS_PER_GPU * self.world_size)) if self.on_gpu else None
+        self.t0, self.tokens_at_t0, self.steps, self.fpt_sum = now, tokens_total, 0, 0.0
+        return {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / self.world_size, "mfu": mfu}
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory so far (GiB): allocated and reserved by the caching allocator."""
+    if device.type != "cuda":
+        return {}
+    return {"mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def gather_host_rss(*, rank: int, world_size: int, device: torch.device, before: float) -> dict:
+    """Collective: every rank's host RSS before model loading and its peak so far (GiB), so that
+    rank 0 records every rank's."""
+    from ftcluster.distributed import all_reduce_sum
+
+    t = torch.zeros(world_size, 2, dtype=torch.float64, device=device)
+    t[rank, 0] = before
+    t[rank, 1] = host_rss_gib()[1]
+    rows = all_reduce_sum(t).tolist()
+    return {"host_rss_before_load_gib": round(max(r[0] for r in rows), 4),
+            "host_rss_peak_gib": round(max(r[1] for r in rows), 4),
+            "host_rss_peak_gib_per_rank": [round(r[1], 4) for r in rows]}
 
 
 class MetricsLogger:

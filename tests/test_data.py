@@ -77,13 +77,13 @@ def first_batch(data, *, pad_id: int, max_seq_len: int = 512, mb: int = 1):
 
 
 def targets(batch, b: int = 0) -> list[int]:
-    labels = batch["labels"][b]
+    labels = batch.labels[b]
     return labels[labels != -100].tolist()
 
 
 def assert_shifted(batch):
     """Every label is the next input token (or -100), and the last position is never a target."""
-    ids, labels = batch["input_ids"], batch["labels"]
+    ids, labels = batch.input_ids, batch.labels
     sup = labels[:, :-1] != -100
     assert torch.equal(labels[:, :-1][sup], ids[:, 1:][sup])
     assert (labels[:, -1] == -100).all()
@@ -119,8 +119,8 @@ def test_messages_supervise_assistant_replies_only(tmp_path, tok):
     assert targets(batch) == expected
     assert_shifted(batch)
     # labels[t] predicts token t+1: the first target sits one position before "Paris.".
-    assert batch["labels"][0, len(first) - 1].item() == expected[0]
-    assert batch["labels"][0, len(first) - 2].item() == -100
+    assert batch.labels[0, len(first) - 1].item() == expected[0]
+    assert batch.labels[0, len(first) - 2].item() == -100
 
 
 def test_messages_chat_template_from_config(tmp_path):
@@ -149,7 +149,7 @@ def test_prompt_completion(tmp_path, tok):
     assert mask.tolist() == [False] * len(prompt) + [True, True]
     batch = first_batch(data, pad_id=tok.pad_token_id)
     assert targets(batch) == enc(tok, "4") + [tok.eos_token_id]
-    assert batch["labels"][0, len(prompt) - 1].item() == enc(tok, "4")[0]
+    assert batch.labels[0, len(prompt) - 1].item() == enc(tok, "4")[0]
     assert_shifted(batch)
 
 
@@ -174,8 +174,8 @@ def test_text_supervises_every_token(tmp_path, tok):
     assert ids.tolist() == [tok.bos_token_id] + enc(tok, "hello") + [tok.eos_token_id] and mask.all()
     batch = first_batch(data, pad_id=tok.pad_token_id)
     n = len(ids)
-    assert batch["labels"][0, :n - 1].tolist() == ids[1:].tolist()
-    assert (batch["labels"][0, n - 1:] == -100).all()
+    assert batch.labels[0, :n - 1].tolist() == ids[1:].tolist()
+    assert (batch.labels[0, n - 1:] == -100).all()
     assert data.stats.supervised_tokens == n - 1 and data.stats.tokens == n
 
 
@@ -364,7 +364,7 @@ class FakeData:
 
 
 def ids_of(batch) -> list[int]:
-    return [int(v) - 1000 for v in batch["input_ids"][:, 0]]
+    return [int(v) - 1000 for v in batch.input_ids[:, 0]]
 
 
 def make(data, *, rank=0, world_size=1, mb=2, seed=0, shuffle=True, max_seq_len=64):
@@ -397,7 +397,7 @@ def test_state_dict_round_trip_resumes_identically():
     b.load_state_dict(state)
     for want in expected:
         got = b.next_microbatch()
-        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
     with pytest.raises(DataError, match="num_samples"):
         make(FakeData(11)).load_state_dict(state)
 
@@ -433,17 +433,17 @@ def test_epochs_reshuffle_deterministically():
 def test_padding_and_shifted_labels():
     data = FakeData(8)  # lengths 2, 7, 12, 6, 11, 5, 10, 4
     batch = make(data, shuffle=False, mb=2).next_microbatch()  # samples 0 (2 tokens) and 1 (7 tokens)
-    assert batch["input_ids"].shape == (2, 8) and batch["input_ids"].dtype == torch.long
-    assert batch["input_ids"][0, 2:].tolist() == [0] * 6
+    assert batch.input_ids.shape == (2, 8) and batch.input_ids.dtype == torch.long
+    assert batch.input_ids[0, 2:].tolist() == [0] * 6
     ids1, mask1 = data[1]
     want = [int(ids1[t + 1]) if mask1[t + 1] else -100 for t in range(6)] + [-100, -100]
-    assert batch["labels"][1].tolist() == want
-    assert batch["labels"][0].tolist() == [int(data[0][0][1])] + [-100] * 7
+    assert batch.labels[1].tolist() == want
+    assert batch.labels[0].tolist() == [int(data[0][0][1])] + [-100] * 7
     assert_shifted(batch)
 
     wide = make(data, shuffle=False, mb=3).next_microbatch()  # longest 12 -> 16
-    assert wide["input_ids"].shape == (3, 16)
+    assert wide.input_ids.shape == (3, 16)
     capped = make(data, shuffle=False, mb=3, max_seq_len=12).next_microbatch()  # 16 capped at max_seq_len
-    assert capped["input_ids"].shape == (3, 12)
+    assert capped.input_ids.shape == (3, 12)
     with pytest.raises(DataError, match="more than data.max_seq_len=10"):
         make(data, shuffle=False, mb=3, max_seq_len=10).next_microbatch()

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ftcluster.data.batch import IGNORE_INDEX, Batch
 from ftcluster.data.errors import DataError
 
-IGNORE_INDEX = -100
 # Random streams, kept apart from the synthetic-token stream (see dataset.SYNTHETIC_STREAM).
 ORDER_STREAM = 0
 
@@ -71,21 +71,15 @@ class DistributedBatches:
         n = len(self.data)
         return [int(self._order(p // n)[p % n]) for p in range(start, stop)]
 
-    def next_microbatch(self) -> dict[str, torch.Tensor]:
-        """This rank's next micro-batch: `input_ids` and `labels`, LongTensor[B, T] on CPU, and
-        `num_tokens`, the number of real (non-pad) tokens in it.
-
-        Labels are already shifted for next-token prediction: `labels[b, t]` is `input_ids[b, t+1]`
-        when token t+1 is supervised, else -100 (as are the last position and all padding), so the
-        loss is plain cross-entropy of logits[b, t] against labels[b, t].
-        """
+    def next_microbatch(self) -> Batch:
+        """This rank's next micro-batch, on the CPU (see `Batch` for the label layout)."""
         start = self._consumed + self.rank * self.micro_batch_size
         indices = self.global_indices(start, start + self.micro_batch_size)
         # Advance by the whole global window on every rank, so all ranks hold the same position.
         self._consumed += self.world_size * self.micro_batch_size
         return self._collate([self.data[i] for i in indices], indices)
 
-    def _collate(self, samples: list[tuple[Any, Any]], indices: list[int]) -> dict[str, torch.Tensor]:
+    def _collate(self, samples: list[tuple[Any, Any]], indices: list[int]) -> Batch:
         longest = max(len(ids) for ids, _ in samples)
         if longest > self.max_seq_len:
             i = indices[max(range(len(samples)), key=lambda j: len(samples[j][0]))]
@@ -100,12 +94,11 @@ class DistributedBatches:
             n = len(ids)
             input_ids[b, :n] = ids
             labels[b, :n - 1] = np.where(supervised[1:], ids[1:], IGNORE_INDEX)
-        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                 # Real (non-pad) tokens, known here for free; the pad id may also be a real token.
-                 "num_tokens": torch.tensor(sum(len(ids) for ids, _ in samples), dtype=torch.int64)}
-        if self.pin_memory:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        return batch
+        # Real (non-pad) tokens, known here for free; the pad id may also be a real token.
+        batch = Batch(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
+                      num_tokens=sum(len(ids) for ids, _ in samples),
+                      num_supervised=int((labels != IGNORE_INDEX).sum()))
+        return batch.pin_memory() if self.pin_memory else batch
 
     def state_dict(self) -> dict[str, int | bool]:
         # num_samples/seed/shuffle are recorded so a resume on different data is caught, not silently misaligned.

@@ -115,9 +115,12 @@ def rank_entry(job: JobConfig, run_dir: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         _redirect_output(Path(run_dir) / "logs" / f"rank{rank}.out")
+    from ftcluster.preemption import exit_code
     from ftcluster.train import train
 
-    record(train)(job, Path(run_dir))
+    code = exit_code(record(train)(job, Path(run_dir)))
+    if code:
+        sys.exit(code)
 
 
 def _redirect_output(path: Path) -> None:

@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 
 from ftcluster.config import JobConfig
+from ftcluster.data.batch import Batch
 from ftcluster.distributed import Dist
+from ftcluster.model.weights import ShardView
 
 BACKENDS: dict[str, str] = {
     "fsdp2": "ftcluster.parallel.fsdp",
@@ -48,14 +50,25 @@ def check_job(job: JobConfig) -> None:
 
 
 class Engine(Protocol):
+    """What the loop calls; accumulation is explicit (`backward(..., last_micro=)`), and an
+    evaluation forward touches no optimizer, gradient or accumulation state."""
+
     module: nn.Module
-    """The sharded training module (call it through `forward`)."""
+    """The sharded training module (call it through `forward` / `eval_forward`)."""
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed token loss of one micro-batch (fp32 scalar on the device)."""
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Training forward of one micro-batch: the objective's summed loss (fp32 0-d tensor)."""
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of `loss` (already scaled by the loop)."""
+    def backward(self, loss: torch.Tensor, *, last_micro: bool) -> None:
+        """Accumulate gradients of `loss` (already scaled by the loop). `last_micro`: this is the
+        step's last micro-batch, after which gradients must be reduced across ranks (a backend may
+        defer its reduction until then)."""
+
+    def eval_forward(self, batch: Batch) -> torch.Tensor:
+        """The same output as `forward` in evaluation mode (dropout off, full attention), without
+        autograd, and leaving every optimizer, gradient, accumulation and RNG state as it was:
+        training losses after it are bit-identical to a run without it. Collective under
+        sharding: every rank calls it with a batch."""
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient L2 norm over all ranks (before clipping), as a 0-d device tensor;
@@ -84,11 +97,14 @@ class EngineState(Protocol):
         """Those parameters, full (unsharded), on the CPU."""
 
 
-Materialize = Callable[[nn.Module, torch.device], None]
-"""Allocates a (sharded, meta) module's parameters on a device and fills them."""
+Materialize = Callable[[nn.Module, torch.device, ShardView], None]
+"""Allocates a (sharded, meta) module's parameters on a device and fills them; the engine passes
+its `ShardView` (which part of each parameter this rank holds), so model code knows no backend."""
 
 
-def parallelize(module: nn.Module, *, job: JobConfig, dist: Dist, materialize: Materialize,
-                layer_classes: set[str]) -> Engine:
+def parallelize(module: nn.Module, *, layers: list[nn.Module], job: JobConfig, dist: Dist,
+                materialize: Materialize) -> Engine:
+    """Shard `module` (decoder `layers` are the sharding unit), fill its local shards, build the
+    optimizer. The module arrives with PEFT and activation checkpointing applied."""
     engine_cls = backend_for(job.parallel.backend).Engine
-    return engine_cls(module, job=job, dist=dist, materialize=materialize, layer_classes=layer_classes)
+    return engine_cls(module, layers=layers, job=job, dist=dist, materialize=materialize)

@@ -73,14 +73,19 @@ import sys
 import traceback
 from collections.abc import KeysView
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from ftcluster.config import ConfigError, JobConfig
+from ftcluster.data.batch import Batch
 from ftcluster.distributed import Dist, barrier
+from ftcluster.model.weights import Shard, whole_tensor
 from ftcluster.optim import build_optimizer, param_groups, set_lr
+
+if TYPE_CHECKING:
+    from ftcluster.parallel import Materialize
 
 log = logging.getLogger("ftcluster")
 
@@ -307,7 +312,8 @@ def _failed_op(e: BaseException) -> str | None:
 # --- the engine ----------------------------------------------------------------------------------
 
 class Engine:
-    def __init__(self, module: nn.Module, *, job: JobConfig, dist: Dist, materialize, layer_classes: set[str]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, module: nn.Module, *, layers: list[nn.Module], job: JobConfig, dist: Dist,
+                 materialize: "Materialize") -> None:
         with _quiet_deepspeed():
             import deepspeed
         if dist.device_type == "cpu":
@@ -318,8 +324,6 @@ class Engine:
         self.dist = dist
         self.job = job
         self.stage = ZERO_STAGES[job.parallel.backend]
-        self.grad_accum = job.train.grad_accum
-        self._micro = 0
         self._skip_on_host = False
         self._master_device = torch.device("cpu") if job.parallel.cpu_offload else dist.device
         compute = torch.bfloat16 if job.train.dtype == "bf16" else torch.float32
@@ -332,7 +336,7 @@ class Engine:
                 p.data = p.data.to(compute)
         if self.stage == 3:
             with _quiet_deepspeed():
-                _partition_zero3(module, ds_config=ds_config, layer_classes=layer_classes, device=dist.device)
+                _partition_zero3(module, ds_config=ds_config, layers=layers, device=dist.device)
             # The loss head reads the output projection's weight outside lm_head.forward: gather it
             # with the root module's forward and backward.
             deepspeed.zero.register_external_parameter(module, module.hf_model.get_output_embeddings().weight)
@@ -344,7 +348,7 @@ class Engine:
                 # the same as FSDP2's; a layer's full weights are live while it runs, as there.
                 from deepspeed.utils import set_z3_leaf_modules
 
-                leaves = set_z3_leaf_modules(module, sorted(layer_classes))
+                leaves = set_z3_leaf_modules(module, sorted({type(m).__name__ for m in layers}))
                 # A leaf layer's parameters are released by its backward hook, which torch fires as
                 # soon as the gradient w.r.t. the layer's inputs exists -- or, when no input needs a
                 # gradient (a frozen embedding, as in LoRA), as soon as the gradient w.r.t. its
@@ -359,7 +363,7 @@ class Engine:
             # Every rank allocates the full model (ZeRO-1/2 replicate it), keeping tied weights tied.
             _to_empty_keep_ties(list(module.modules()), _ties(module), dist.device)
         # ZeRO-3: each rank fills its own partitions.
-        materialize(module, dist.device)
+        materialize(module, dist.device, shard_view)
         exact = _to_compute_dtype(module, compute, zero3=self.stage == 3)
 
         client = None
@@ -380,15 +384,26 @@ class Engine:
         log.info("DeepSpeed %s ZeRO-%d (%s): %s", _ds_version(), self.stage, type(self.ds.optimizer).__name__,
                  type(self.inner).__name__)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self._micro += 1
-        # The last micro-batch of the step is DeepSpeed's accumulation boundary (reduction, offload copy).
-        self.ds.set_gradient_accumulation_boundary(self._micro >= self.grad_accum)
-        return self.ds(input_ids, labels)
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.ds(batch)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, last_micro: bool) -> None:
+        # The step's last micro-batch is DeepSpeed's accumulation boundary (reduction, offload
+        # copy), said explicitly: a count of forwards would be shifted by any forward that is not
+        # a training micro-batch (an evaluation batch, a reference pass).
+        self.ds.set_gradient_accumulation_boundary(last_micro)
         # The loop already weights tokens across micro-batches: no division by accumulation steps.
         self.ds.backward(loss, scale_wrt_gas=False)
+
+    @torch.no_grad()
+    def eval_forward(self, batch: Batch) -> torch.Tensor:
+        # Through DeepSpeed's engine, so ZeRO-3 gathers (and frees) parameters as in training; in
+        # eval mode and without autograd no gradient hook fires and no accumulation state moves.
+        self.ds.eval()
+        try:
+            return self.ds(batch)
+        finally:
+            self.ds.train()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         # DeepSpeed clips inside its step with the norm of the same reduced gradients; computing it
@@ -407,7 +422,6 @@ class Engine:
         else:
             self._skip_on_host = bool(skip)  # the one extra host sync of DeepSpeed's own optimizers
         self.ds.step()
-        self._micro = 0
 
     def save_state(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -442,7 +456,31 @@ class Engine:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
 
-def _partition_zero3(module: nn.Module, *, ds_config: dict[str, Any], layer_classes: set[str],
+def shard_view(param: torch.Tensor) -> Shard:
+    """This rank's part of a parameter. ZeRO-3: this rank holds `ds_tensor`, elements [start, end)
+    of the flattened tensor (the last rank's partition is zero-padded); the block of whole rows
+    covering it is what to read. ZeRO-1/2 parameters are whole on every rank."""
+    import torch.distributed as dist
+
+    if getattr(param, "ds_tensor", None) is None:
+        return whole_tensor(param)
+    shape = torch.Size(param.ds_shape)  # a ZeRO-3 parameter's own shape is empty
+    part = param.ds_tensor.ds_numel
+    start = part * dist.get_rank(group=param.ds_process_group)
+    end = min(start + part, param.ds_numel)
+    local = param.ds_tensor.view(-1)
+    local.zero_()  # the padding of the last partition
+    if start >= end:
+        return Shard(local=local[:0], index=(), flat=None, shape=shape)
+    row = 1
+    for s in shape[1:]:
+        row *= s
+    r0, r1 = start // row, -(-end // row)
+    return Shard(local=local[: end - start], index=(slice(r0, r1),), flat=slice(start - r0 * row, end - r0 * row),
+                 shape=shape)
+
+
+def _partition_zero3(module: nn.Module, *, ds_config: dict[str, Any], layers: list[nn.Module],
                      device: torch.device) -> None:
     """Convert the meta module's parameters to ZeRO-3 partitions, one decoder layer at a time, then
     what remains (embeddings, final norm, output head). Each group is allocated in full (uninitialised)
@@ -451,7 +489,7 @@ def _partition_zero3(module: nn.Module, *, ds_config: dict[str, Any], layer_clas
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
     ties = _ties(module)
-    groups = [m for m in module.modules() if type(m).__name__ in layer_classes] + [module]
+    groups = [*layers, module]
     for group in groups:
         owners = [m for m in group.modules() if any(p.is_meta and not is_zero_param(p) for p in m.parameters(recurse=False))]
         if not owners:

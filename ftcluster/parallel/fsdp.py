@@ -14,9 +14,10 @@ saved; on load a frozen parameter is restored only if the checkpoint holds it.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,14 +25,22 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from ftcluster.config import JobConfig
+from ftcluster.data.batch import Batch
 from ftcluster.distributed import Dist
+from ftcluster.model.weights import Shard, whole_tensor
 from ftcluster.optim import build_optimizer, set_lr
+
+if TYPE_CHECKING:
+    from ftcluster.parallel import Materialize
+
+log = logging.getLogger("ftcluster")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Engine:
-    def __init__(self, module: nn.Module, *, job: JobConfig, dist: Dist, materialize, layer_classes: set[str]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, module: nn.Module, *, layers: list[nn.Module], job: JobConfig, dist: Dist,
+                 materialize: "Materialize") -> None:
         self.dist = dist
         self.adapter_only = job.checkpoint.adapter_only
         compute = DTYPES[job.train.dtype]
@@ -47,23 +56,39 @@ class Engine:
                              "CPU-only host the parameters already live in host memory)")
         offload = CPUOffloadPolicy() if job.parallel.cpu_offload else None
         kw = {"mesh": mesh, "mp_policy": mp, **({"offload_policy": offload} if offload else {})}
-        layers = [m for m in module.modules() if type(m).__name__ in layer_classes]
         if not layers:
-            raise ValueError(f"no decoder layers of classes {sorted(layer_classes)} found to shard")
+            raise ValueError("no decoder layers to shard")
         for layer in layers:
             fully_shard(layer, reshard_after_forward=job.parallel.reshard_after_forward, **kw)
         fully_shard(module, **kw)
         self.module = module
         # Shards are allocated only now, each rank its own; with CPU offload they live in host memory.
-        materialize(module, torch.device("cpu") if offload is not None else dist.device)
+        materialize(module, torch.device("cpu") if offload is not None else dist.device, shard_view)
         self.optimizer = build_optimizer(module, cfg=job.optim)
         self._params = [p for p in module.parameters() if p.requires_grad]
+        self._defer_sync = _defer_grad_sync(job, dist, module)
+        if self._defer_sync:
+            log.info("FSDP2: gradients reduced once per step (after the last of %d micro-batches)", job.train.grad_accum)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids, labels)
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.module(batch)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, last_micro: bool) -> None:
+        if self._defer_sync:
+            # Earlier micro-batches accumulate unsharded (fp32) gradients locally; the last one
+            # reduce-scatters their sum: one collective per layer per step instead of grad_accum.
+            self.module.set_requires_gradient_sync(last_micro)
         loss.backward()
+
+    @torch.no_grad()
+    def eval_forward(self, batch: Batch) -> torch.Tensor:
+        # eval(): dropout off (no RNG drawn), full attention under S2-Attn, no recompute. FSDP2
+        # gathers and frees each layer as in training; no gradient or optimizer state is touched.
+        self.module.eval()
+        try:
+            return self.module(batch)
+        finally:
+            self.module.train()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         limit = max_norm if max_norm > 0 else float("inf")  # inf: compute the norm, scale by 1
@@ -106,6 +131,39 @@ class Engine:
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
+
+
+def shard_view(param: torch.Tensor) -> Shard:
+    """This rank's part of an FSDP2 parameter: a DTensor's local shard and where it sits."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return whole_tensor(param)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return Shard(local=param.to_local(), index=tuple(slice(o, o + s) for o, s in zip(offset, shape)), flat=None,
+                 shape=param.shape)
+
+
+DEFER_SYNC_MAX_TRAINABLE_FRACTION = 0.05
+"""Deferring the reduce-scatter keeps unsharded fp32 gradients of every trainable parameter for the
+whole step: cheap for adapters (well under 5% of the model), a full model's worth for a full fine-tune."""
+
+
+def _defer_grad_sync(job: JobConfig, dist: Dist, module: nn.Module) -> bool:
+    """Reduce gradients once per step instead of once per micro-batch: `parallel.defer_grad_sync`
+    true/false, or `auto`: on GPU, with accumulation, several ranks and few trainable parameters.
+    (On CPU, gloo, the order of the floating-point sums would differ from the per-micro-batch
+    reduction for no measurable gain; `true` forces it for tests.)"""
+    choice = str(getattr(job.parallel, "defer_grad_sync", "auto"))
+    if choice in ("true", "True"):
+        return job.train.grad_accum > 1
+    if choice in ("false", "False"):
+        return False
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return (dist.device_type == "cuda" and job.train.grad_accum > 1 and dist.world_size > 1
+            and trainable <= DEFER_SYNC_MAX_TRAINABLE_FRACTION * total)
 
 
 def check_job(job: JobConfig) -> None:

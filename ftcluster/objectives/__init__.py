@@ -1,0 +1,33 @@
+"""Training objectives: what loss a batch gives, what it is normalised by, what it reports.
+
+The trainer knows only the `Objective` protocol; `build_objective(job)` picks the implementation
+(today `sft`; preference objectives plug in here). An objective's `head` runs inside the sharded
+module's forward (so the backends gather the output projection with the rest of the root module);
+the trainer divides the summed loss by the global `normaliser` over all micro-batches and ranks.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ftcluster.config import JobConfig
+from ftcluster.data.batch import Batch
+
+
+class Objective(Protocol):
+    name: str
+
+    def head(self, hidden: torch.Tensor, weight: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The SUM of the loss over this micro-batch's units (fp32 0-d tensor), from the decoder's
+        last hidden states [rows, width, d] and the output projection's weight [vocab, d]."""
+
+    def normaliser(self, batch: Batch) -> int:
+        """How many units the loss of `batch` sums over (a host integer: no device sync). The
+        step's loss is sum over micro-batches and ranks of `head`, divided by the sum of this."""
+
+
+def build_objective(job: JobConfig) -> Objective:
+    from ftcluster.objectives.sft import SFT
+
+    return SFT(chunk_size=job.train.loss_chunk_size, fused_linear_ce=job.model.liger)

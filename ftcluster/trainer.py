@@ -1,0 +1,209 @@
+"""The training loop: build, step, log, evaluate, save, stop. `Trainer.fit` reads in a screen.
+
+The trainer calls an objective (the loss and its normaliser), an engine (forward, backward,
+clip, step: FSDP2 or DeepSpeed behind one protocol), the checkpoint manager (cadence, commit,
+resume), the metrics logger and the fault injector, and knows none of their insides.
+
+Host syncs: none inside a step. Token counts come from CPU tensors; every device value the log
+and the stop agreement need is copied to the host in one transfer at a log point, and the
+non-finite flag is also read before each checkpoint (a bad step must never be saved).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+
+from ftcluster.checkpoint import CheckpointManager, RNGState
+from ftcluster.config import JobConfig
+from ftcluster.data.batch import Batch
+from ftcluster.distributed import Dist, all_reduce_sum, barrier
+from ftcluster.faults import Faults
+from ftcluster.metrics import MetricsLogger, ThroughputWindow, gather_host_rss, gpu_memory
+from ftcluster.optim import lr_at
+from ftcluster.parallel import Engine
+from ftcluster.preemption import StopReason, StopRequests
+
+log = logging.getLogger("ftcluster")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainProgress:
+    """Steps done and real tokens seen. Tokens accumulate on the device (no sync per step) on top
+    of what earlier segments of the run saw; read on the host only at log and save points."""
+    step: int = 0
+    tokens_before: int = 0
+    tokens: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+
+    def tokens_seen(self) -> int:
+        return self.tokens_before + int(self.tokens.item())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_before = int(state["step"]), int(state["tokens_seen"])
+        self.tokens.zero_()
+
+
+@dataclasses.dataclass(kw_only=True)
+class StepValues:
+    """Device tensors of the last step (read at a log point) and the sticky non-finite flag."""
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    bad: torch.Tensor
+    """True once any step since the last check was non-finite (its update was skipped)."""
+
+
+class Trainer:
+    """Built by `ftcluster.train.build_trainer`; `fit()` runs the loop and says why it stopped."""
+
+    def __init__(self, *, job: JobConfig, dist: Dist, engine: Engine, batches: Any, objective: Any,
+                 ckpt: CheckpointManager, metrics: MetricsLogger, throughput: ThroughputWindow,
+                 progress: TrainProgress, stops: StopRequests, faults: Faults, saved_state: dict[str, Any],
+                 config_yaml: str, rss_before_load: float, on_log: Callable[[dict], None] | None) -> None:
+        self.job, self.d, self.engine, self.batches, self.objective = job, dist, engine, batches, objective
+        self.ckpt, self.metrics, self.throughput, self.progress = ckpt, metrics, throughput, progress
+        self.stops, self.faults, self.on_log = stops, faults, on_log
+        self.saved_state = saved_state  # global Stateful objects the checkpoint holds (progress, data, ...)
+        self.config_yaml = config_yaml
+        self.rss_before_load = rss_before_load  # GiB, for the end record's host-memory figures
+        self.values = StepValues(loss=self._zero(), grad_norm=self._zero(), lr=0.0,
+                                 bad=torch.zeros((), dtype=torch.bool, device=dist.device))
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=self.d.device)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> StopReason:
+        max_steps = self.job.train.max_steps
+        while self.progress.step < max_steps:
+            step = self.progress.step + 1
+            self.train_step(step)
+            self.faults.after_step(step)
+            last = step == max_steps
+            stop = self.maybe_log(step, last=last)
+            self.maybe_eval(step, last=last)
+            saved = self.maybe_save(step, last=last)
+            if stop != StopReason.FINISHED:
+                if not saved and self.job.checkpoint.enabled:
+                    self.save(step)  # an agreed stop request: checkpoint unless this step just did
+                return self.stop(stop)
+        return self.finish()
+
+    # --- one optimizer step ---------------------------------------------------------------------
+
+    def train_step(self, step: int) -> None:
+        """Accumulate `grad_accum` micro-batches, clip, and apply the update unless non-finite."""
+        job, d, engine = self.job, self.d, self.engine
+        micro: list[Batch] = [self.batches.next_microbatch() for _ in range(job.train.grad_accum)]
+        # Normaliser and real-token counts are host integers; one all-reduce makes them global.
+        local = torch.tensor([sum(self.objective.normaliser(b) for b in micro), sum(b.num_tokens for b in micro)],
+                             dtype=torch.float64)
+        on_gpu = d.device_type == "cuda"
+        counts = all_reduce_sum(local.pin_memory().to(d.device, non_blocking=True) if on_gpu else local)
+        # Loss = (sum of unit losses over all micro-batches and ranks) / (global units).
+        # Backends average gradients over ranks, hence the world_size factor.
+        units = counts[0].clamp(min=1)
+        scale = (d.world_size / units).to(torch.float32)
+        loss_sum = self._zero()
+        for i, batch in enumerate(micro):
+            loss = self.faults.loss(engine.forward(batch.to(d.device)), step=step)
+            engine.backward(loss * scale, last_micro=i == len(micro) - 1)
+            loss_sum += loss.detach()
+        grad_norm = engine.clip_grad_norm(job.train.grad_clip)
+        global_loss = all_reduce_sum(loss_sum) / units
+        bad = ~(torch.isfinite(global_loss) & torch.isfinite(grad_norm))  # identical on every rank
+        lr = lr_at(step, cfg=job.optim, max_steps=job.train.max_steps)
+        engine.step(lr=lr, skip=bad)
+        self.values = StepValues(loss=global_loss, grad_norm=grad_norm, lr=lr, bad=self.values.bad | bad)
+        self.progress.tokens += counts[1]
+        self.progress.step = step
+        self.throughput.add_step(width=max(b.width for b in micro))
+
+    # --- log, evaluate, save --------------------------------------------------------------------
+
+    def maybe_log(self, step: int, *, last: bool) -> StopReason:
+        """At log points: one host sync for the record and the all-rank stop agreement. Stop
+        requests (preemption, SIGTERM) are agreed here only, so a stop waits at most
+        train.log_every steps and costs nothing inside the steps."""
+        if step % self.job.train.log_every != 0 and not last:
+            return StopReason.FINISHED
+        dev = self.d.device
+        stop_dev = self.stops.agreed(dev) if not last else torch.zeros((), dtype=torch.int32, device=dev)
+        v = self.values
+        loss, gnorm, bad, tokens, stop = torch.stack(
+            [v.loss.double(), v.grad_norm.double(), v.bad.double(), self.progress.tokens.to(dev), stop_dev.double()]
+        ).tolist()
+        if bad:
+            self._check_finite(step, loss=loss, grad_norm=gnorm)
+        record = {"step": step, "loss": loss, "lr": v.lr, "grad_norm": gnorm, **self.throughput.read(tokens),
+                  "tokens_seen": self.progress.tokens_before + int(tokens), **gpu_memory(dev)}
+        self.metrics.step(record)
+        if self.on_log is not None:
+            self.on_log(dict(record))
+        return StopReason(int(stop))
+
+    def maybe_eval(self, step: int, *, last: bool) -> None:
+        """Held-out evaluation point (the evaluation issue plugs in here; today nothing to do)."""
+
+    def maybe_save(self, step: int, *, last: bool) -> bool:
+        if not self.ckpt.due(step, last=last):
+            return False
+        t0 = time.perf_counter()
+        self.save(step)
+        self.throughput.exclude(time.perf_counter() - t0)  # checkpoint time is not training throughput
+        return True
+
+    def save(self, step: int) -> None:
+        self._check_finite(step)
+        secs = self.ckpt.save(step=step, engine=self.engine, state=self.saved_state, rank_state={"rng": RNGState()},
+                              config_yaml=self.config_yaml, before_commit=self.faults.before_commit(step))
+        self.metrics.event("checkpoint", step=step, seconds=round(secs, 3))
+        self.faults.after_save(step)
+
+    def _check_finite(self, step: int, *, loss: float | None = None, grad_norm: float | None = None) -> None:
+        if not bool(self.values.bad.item()):
+            return
+        detail = "" if loss is None else f" (loss={loss}, grad_norm={grad_norm})"
+        msg = (f"non-finite loss or gradient at or before step {step}{detail}: that step's update was "
+               "not applied and no checkpoint was written after it; lower optim.lr or check the data")
+        # Every rank reaches this at the same step (the flag is global). Log first, then meet at a
+        # barrier, so that whichever rank the launcher reports, every rank has recorded the stop.
+        log.error(msg)
+        barrier()
+        raise NonFiniteError(msg)
+
+    # --- the end --------------------------------------------------------------------------------
+
+    def stop(self, reason: StopReason) -> StopReason:
+        """An agreed stop request, after its checkpoint: record it and hand the reason back."""
+        newest = self.ckpt.latest() if self.job.checkpoint.enabled else None
+        log.info("stopped after step %d (%s); %s", self.progress.step, reason.name.lower(),
+                 f"checkpoint {newest}" if newest else "no checkpoint (checkpoint.enabled=false)")
+        self.metrics.event("preempted" if reason == StopReason.PREEMPTED else "terminated", step=self.progress.step,
+                           checkpoint=str(newest) if newest else None)
+        if reason == StopReason.PREEMPTED:
+            self.stops.acknowledge(step=self.progress.step, checkpoint=newest)  # the Slurm job requeues on this
+        self.metrics.close()
+        barrier()
+        return reason
+
+    def finish(self) -> StopReason:
+        host = gather_host_rss(rank=self.d.rank, world_size=self.d.world_size, device=self.d.device,
+                               before=self.rss_before_load)
+        self.metrics.event("end", step=self.progress.step, tokens_seen=self.progress.tokens_seen(),
+                           host_rss_peak_gib=host["host_rss_peak_gib"],
+                           host_rss_peak_gib_per_rank=host["host_rss_peak_gib_per_rank"])
+        self.metrics.close()
+        barrier()
+        return StopReason.FINISHED
