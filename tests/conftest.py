@@ -47,6 +47,15 @@ def compose_job(*overrides: str):  # type: ignore[no-untyped-def]
         return driver.to_job(compose("config", overrides=list(overrides)))
 
 
+def lm_batch(ids, labels=None):  # type: ignore[no-untyped-def]
+    """A typed Batch of token ids whose (already shifted) labels are `labels` (default: the ids)."""
+    from ftcluster.data import IGNORE_INDEX, Batch
+
+    labels = ids if labels is None else labels
+    return Batch(input_ids=ids, labels=labels, num_tokens=int(ids.numel()),
+                 num_supervised=int((labels != IGNORE_INDEX).sum()))
+
+
 def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -35,18 +35,15 @@ def main() -> None:
 def _load(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def]
     from ftcluster.config import JobConfig, LocalLauncherConfig, ModelConfig, TrainConfig
     from ftcluster.metrics import host_rss_gib
-    from ftcluster.model import (CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model,
-                                 decoder_layer_classes, hf_key, materialize)
-    from ftcluster.parallel.fsdp import Engine as FSDP2Engine
+    from ftcluster.model import build_module, hf_key, materialize
+    from ftcluster.parallel import parallelize
 
     job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(),
                     train=TrainConfig(dtype="fp32"))
-    hf_config = build_hf_config(job.model)
-    hf_model = build_meta_model(job.model, hf_config)
-    module = CausalLMWithLoss(model=apply_peft(hf_model, job), hf_model=hf_model, chunk_size=64)
+    built = build_module(job)
     rss_before = host_rss_gib()[0]
-    engine = FSDP2Engine(module, job=job, dist=d, layer_classes=decoder_layer_classes(hf_model),
-                         materialize=lambda m, dev: materialize(m, cfg=job.model, seed=0, device=dev))
+    engine = parallelize(built.module, layers=built.layers, job=job, dist=d,
+                         materialize=lambda m, dev, view: materialize(m, cfg=job.model, seed=0, device=dev, shard_view=view))
     rss_after, rss_peak = host_rss_gib()
     local_bytes = sum(p.to_local().numel() * p.element_size() for p in engine.module.parameters())
     result: dict = {"model_dir": model_dir, "rank": d.rank, "world_size": d.world_size, "rss_before_gib": rss_before,
@@ -72,42 +69,41 @@ def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ftcluster.config import JobConfig, LocalLauncherConfig, ModelConfig, PeftConfig, TrainConfig
-    from ftcluster.model import (CausalLMWithLoss, SafetensorsSlices, _local_slice, apply_peft, build_hf_config,
-                                 build_meta_model, decoder_layer_classes, hf_key, materialize)
-    from ftcluster.parallel.fsdp import Engine as FSDP2Engine
+    from ftcluster.data import IGNORE_INDEX, Batch
+    from ftcluster.model import BuiltModule, SafetensorsSlices, build_module, hf_key, materialize
+    from ftcluster.parallel import parallelize
+    from ftcluster.parallel.fsdp import shard_view
     from ftcluster.quant import is_nf4_param, nf4_weight_name, quantize_nf4
 
     fp32 = mode == "qlora32"
     dtype = torch.float32 if fp32 else torch.bfloat16
     job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(),
-                    peft=PeftConfig(method="qlora", rank=4, alpha=8.0), train=TrainConfig(dtype="fp32" if fp32 else "bf16"))
+                    peft=PeftConfig(method="qlora", rank=4, alpha=8.0),
+                    train=TrainConfig(dtype="fp32" if fp32 else "bf16", activation_checkpointing=fp32))
 
-    def build() -> CausalLMWithLoss:
-        hf_model = build_meta_model(job.model, build_hf_config(job.model))
-        trained = apply_peft(hf_model, job)
-        if fp32:
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return CausalLMWithLoss(model=trained, hf_model=hf_model, chunk_size=64)
+    def build() -> BuiltModule:
+        return build_module(job)
 
     def fill_lora_b(m: torch.nn.Module) -> None:
         # peft starts B at zero, which makes every A gradient zero: give B values (same on all ranks).
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if ".lora_B." in n:
-                    local, index, _ = _local_slice(p)
+                    view = shard_view(p)
                     full = torch.empty(p.shape).normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-                    local.copy_(full[index])
+                    view.local.copy_(full[view.index])
 
-    module = build()
-    engine = FSDP2Engine(module, job=job, dist=d, layer_classes=decoder_layer_classes(module.hf_model),
-                         materialize=lambda m, dev: materialize(m, cfg=job.model, seed=0, device=dev))
+    built = build()
+    engine = parallelize(built.module, layers=built.layers, job=job, dist=d,
+                         materialize=lambda m, dev, view: materialize(m, cfg=job.model, seed=0, device=dev, shard_view=view))
     fill_lora_b(engine.module)
     nf4 = {n: p for n, p in engine.module.named_parameters() if is_nf4_param(n)}
     shares = [p.to_local().numel() / p.numel() for p in nf4.values()]
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 1000, (2, 24), generator=g)
     labels = torch.randint(0, 1000, (2, 24), generator=g)
-    loss = engine.forward(ids, labels)
+    batch = Batch(input_ids=ids, labels=labels, num_tokens=ids.numel(), num_supervised=int((labels != IGNORE_INDEX).sum()))
+    loss = engine.forward(batch)
     loss.backward()  # each rank fed the same batch: the rank-averaged gradient is the batch's
     loss = loss.detach().float()
     torch.distributed.all_reduce(loss)
@@ -122,7 +118,7 @@ def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def
         result["nf4_mismatched"] = [n for n in nf4 if not torch.equal(full[n].view(ints), quantize_nf4(
             reader.read(hf_key(nf4_weight_name(n)), ()), storage_dtype=dtype).view(ints))]
         # The same module in one process, unsharded (frozen weights in the compute dtype, as FSDP2 stores them).
-        single = build()
+        single = build().module
         materialize(single, cfg=job.model, seed=0, device=torch.device("cpu"))
         fill_lora_b(single)
         with torch.no_grad():
@@ -130,7 +126,7 @@ def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def
                 if not p.requires_grad and p.dtype != dtype:
                     p.data = p.data.to(dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fp32):
-            ref = single(ids, labels).float()
+            ref = single(batch).float()
         ref.backward()
         worst = 0.0
         for n, p in single.named_parameters():

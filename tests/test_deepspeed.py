@@ -200,7 +200,8 @@ from hydra import compose, initialize_config_dir
 from ftcluster import driver
 from ftcluster.config import conf_dir, register_configs
 from ftcluster.distributed import init_distributed, shutdown
-from ftcluster.model import CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model, decoder_layer_classes, materialize
+from ftcluster.data import Batch
+from ftcluster.model import build_module, materialize
 from ftcluster.parallel import parallelize
 
 register_configs()
@@ -208,11 +209,11 @@ d = init_distributed()
 for backend in sys.argv[1:]:  # one process group, one engine after the other
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         job = driver.to_job(compose("config", overrides=["parallel=" + backend, "peft=none", "launcher.nproc_per_node=1"]))
-    hf = build_meta_model(job.model, build_hf_config(job.model))
-    module = CausalLMWithLoss(model=apply_peft(hf, job), hf_model=hf, chunk_size=4096)
-    engine = parallelize(module, job=job, dist=d, layer_classes=decoder_layer_classes(hf),
-                         materialize=lambda m, dev: materialize(m, cfg=job.model, seed=0, device=dev))
+    built = build_module(job)
+    engine = parallelize(built.module, layers=built.layers, job=job, dist=d,
+                         materialize=lambda m, dev, view: materialize(m, cfg=job.model, seed=0, device=dev, shard_view=view))
     ids = torch.randint(0, 1000, (2, 16))
+    batch = Batch(input_ids=ids, labels=ids, num_tokens=32, num_supervised=32)
 
     def state():
         opt = engine.ds.optimizer
@@ -221,7 +222,7 @@ for backend in sys.argv[1:]:  # one process group, one engine after the other
         return [t.detach().clone() for t in [*flat, *moments]]
 
     def step(scale, skip):
-        engine.backward(engine.forward(ids, ids) * scale)
+        engine.backward(engine.forward(batch) * scale, last_micro=True)
         norm = engine.clip_grad_norm(1.0)
         engine.step(lr=1e-3, skip=torch.tensor(skip))
         return norm

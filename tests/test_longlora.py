@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, committed_steps, compose_job, events, explain, losses, run_cli
+from conftest import cli_env, committed_steps, compose_job, events, explain, lm_batch, losses, run_cli
 from ftcluster.config import ConfigError, JobConfig, ModelConfig, register_configs
 from ftcluster.longlora import S2_ATTN, hf_config_for_export
-from ftcluster.model import CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model, materialize
+from ftcluster.model import TrainModule, build_hf_config, build_module, materialize
 
 register_configs()
 torch.set_num_threads(1)
@@ -24,12 +24,10 @@ torch.set_num_threads(1)
 job = compose_job
 
 
-def build(j: JobConfig, *, device: torch.device | None = None) -> CausalLMWithLoss:
-    """The trained module exactly as train.py builds it (meta skeleton -> PEFT -> loss head),
-    materialised on `device` when given (no process group needed on one CPU process)."""
-    hf_config = build_hf_config(j.model)
-    hf = build_meta_model(j.model, hf_config)
-    module = CausalLMWithLoss(model=apply_peft(hf, j), hf_model=hf, chunk_size=j.train.loss_chunk_size)
+def build(j: JobConfig, *, device: torch.device | None = None) -> TrainModule:
+    """The trained module exactly as train.py builds it (`build_module`), materialised on `device`
+    when given (no process group needed on one CPU process)."""
+    module = build_module(j).module
     if device is not None:
         materialize(module, cfg=j.model, seed=j.seed, device=device)
     return module
@@ -108,18 +106,18 @@ def test_fsdp2_keeps_trainable_non_lora_params_fp32_and_trains_them() -> None:
 
     from ftcluster.distributed import Dist
     from ftcluster.parallel import parallelize
-    from ftcluster.model import decoder_layer_classes
-
     j = job("peft=longlora", "train.dtype=bf16")
-    module = build(j)
+    built = build_module(j)
+    module = built.module
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-        engine = parallelize(module, job=j, dist=d, layer_classes=decoder_layer_classes(module.hf_model),
-                             materialize=lambda m, dev: materialize(m, cfg=j.model, seed=j.seed, device=dev))
+        engine = parallelize(module, layers=built.layers, job=j, dist=d,
+                             materialize=lambda m, dev, view: materialize(m, cfg=j.model, seed=j.seed, device=dev,
+                                                                          shard_view=view))
         params = dict(module.named_parameters())
         assert all(isinstance(p, DTensor) for p in params.values())
         for n, p in params.items():
@@ -131,8 +129,8 @@ def test_fsdp2_keeps_trainable_non_lora_params_fp32_and_trains_them() -> None:
         before = emb.full_tensor().clone(), norm.full_tensor().clone()
         module.train()
         ids = torch.randint(6, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
-        loss = engine.forward(ids, ids)
-        engine.backward(loss / ids.numel())
+        loss = engine.forward(lm_batch(ids))
+        engine.backward(loss / ids.numel(), last_micro=True)
         assert torch.isfinite(engine.clip_grad_norm(1.0))
         engine.step(lr=1e-2, skip=torch.tensor(False))
         assert not torch.equal(emb.full_tensor(), before[0]) and not torch.equal(norm.full_tensor(), before[1])
@@ -151,12 +149,12 @@ def test_eval_uses_full_attention_train_uses_s2() -> None:
     with torch.no_grad():
         s2.eval(), full.eval()
         torch.testing.assert_close(s2.hf_model(ids).logits, full.hf_model(ids).logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(s2(ids, ids), full(ids, ids), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(s2(lm_batch(ids)), full(lm_batch(ids)), rtol=1e-5, atol=1e-4)
         s2.train(), full.train()  # N = 64 > G = 16: sparse attention changes the result
         a, b = s2.hf_model(ids).logits, full.hf_model(ids).logits
         assert (a - b).abs().max() > 1e-3
         torch.testing.assert_close(a[:, :8], b[:, :8], rtol=1e-5, atol=1e-5)  # first G/2 tokens: same context
-        assert not torch.allclose(s2(ids, ids), full(ids, ids))
+        assert not torch.allclose(s2(lm_batch(ids)), full(lm_batch(ids)))
     # an absolute group size covering the whole sequence: training equals full attention up to G/2
     whole = build(job("peft=longlora", "peft.group_size=128"), device=cpu)
     assert whole.hf_model.config.s2_group_size == 128 and whole.hf_model.config.s2_group_size_ratio is None

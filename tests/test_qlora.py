@@ -81,7 +81,7 @@ def test_qlora_trains_with_adapter_only_checkpoints(qruns: dict[str, Path]) -> N
     keys = [k for k in FileSystemReader(str(ck / "engine")).read_metadata().state_dict_metadata if k.startswith("model.")]
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]  # no base, no NF4 state
     meta = json.loads((ck / "meta.json").read_text())
-    assert meta["adapter_only"] is True and meta["init_device"] == "cpu"
+    assert meta["model"]["adapter_only"] is True and meta["model"]["init_device"] == "cpu"
 
 
 def test_qlora_kill_9_and_resume_is_bit_identical(qruns: dict[str, Path]) -> None:
