@@ -6,7 +6,7 @@ double quantisation (the per-block absmax quantised to 8 bits in blocks of 256, 
 offset), de-quantised to the compute dtype in forward and again in backward.
 
 Why not bitsandbytes' `Linear4bit`/`Params4bit`: FSDP2's `fully_shard` turns every parameter into
-a plain DTensor parameter and all-gathers plain tensors, so a `Params4bit`'s `quant_state` (absmax,
+a plain sharded tensor parameter and all-gathers plain tensors, so a `Params4bit`'s `quant_state` (absmax,
 offset, nested state) is lost after the all-gather (the known FSDP2 + QLoRA failure), and that
 state would not shard anyway. Here the packed 4-bit codes, the 8-bit absmax, the nested fp32
 absmax and the offset are bytes of ONE 1-D parameter, typed as the compute dtype
