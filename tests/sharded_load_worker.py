@@ -33,13 +33,13 @@ def main() -> None:
 
 
 def _load(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def]
-    from ftcluster.config import JobConfig, LocalLauncherConfig, ModelConfig, TrainConfig
+    from ftcluster.config import FSDP2Config, JobConfig, LocalLauncherConfig, ModelConfig, TrainConfig
     from ftcluster.metrics import host_rss_gib
     from ftcluster.model import (CausalLMWithLoss, apply_peft, build_hf_config, build_meta_model,
                                  decoder_layer_classes, hf_key, materialize)
     from ftcluster.parallel.fsdp import Engine as FSDP2Engine
 
-    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(),
+    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(), parallel=FSDP2Config(),
                     train=TrainConfig(dtype="fp32"))
     hf_config = build_hf_config(job.model)
     hf_model = build_meta_model(job.model, hf_config)
@@ -71,7 +71,7 @@ def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def
     """qlora: bf16 storage and compute; qlora32: fp32, with activation checkpointing (recompute)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from ftcluster.config import JobConfig, LocalLauncherConfig, ModelConfig, PeftConfig, TrainConfig
+    from ftcluster.config import FSDP2Config, JobConfig, LocalLauncherConfig, ModelConfig, PeftConfig, TrainConfig
     from ftcluster.model import (CausalLMWithLoss, SafetensorsSlices, _local_slice, apply_peft, build_hf_config,
                                  build_meta_model, decoder_layer_classes, hf_key, materialize)
     from ftcluster.parallel.fsdp import Engine as FSDP2Engine
@@ -79,7 +79,7 @@ def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def
 
     fp32 = mode == "qlora32"
     dtype = torch.float32 if fp32 else torch.bfloat16
-    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(),
+    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(), parallel=FSDP2Config(),
                     peft=PeftConfig(method="qlora", rank=4, alpha=8.0), train=TrainConfig(dtype="fp32" if fp32 else "bf16"))
 
     def build() -> CausalLMWithLoss:

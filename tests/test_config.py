@@ -10,7 +10,8 @@ from conftest import cli_env, compose_job, run_cli
 from ftcluster import driver
 from omegaconf import OmegaConf
 
-from ftcluster.config import ConfigError, conf_dir, register_configs
+from ftcluster.compose import conf_dir, register_configs
+from ftcluster.config import ConfigError
 
 register_configs()
 
@@ -123,7 +124,7 @@ def test_cli_errors_before_any_process(tmp_path: Path) -> None:
 
 
 def test_secret_names_are_redacted() -> None:
-    from ftcluster.config import redact
+    from ftcluster.compose import redact
 
     out = redact({"logger": {"api_key": "abc", "project": "p"}, "hf_token": "t", "model": {"tokenizer": "/x"}})
     assert out == {"logger": {"api_key": "<redacted>", "project": "p"}, "hf_token": "<redacted>", "model": {"tokenizer": "/x"}}
