@@ -221,7 +221,7 @@ def load_saved_job(path: Path, *, driver_checks: bool = True) -> JobConfig:
 def _upgrade_saved(data: dict[str, Any]) -> None:
     """A config saved before the parallel split and the S2 keys' move still loads: one `parallel`
     section carried both backends' keys (the other backend's are dropped: they were its defaults,
-    unused), and `peft.group_size[_ratio]` are now `model.s2_group_size[_ratio]`."""
+    unused), and the S2-Attn keys `group_size[_ratio]` moved from `peft` to `model.s2_group_size[_ratio]`."""
     parallel, peft, model = data.get("parallel"), data.get("peft"), data.get("model")
     if isinstance(parallel, dict) and parallel.get("backend") is not None:
         schema = parallel_schema(str(parallel["backend"]))
