@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 def train_command(overrides: list[str]) -> int:
     import hydra
 
-    from ftcluster.config import conf_dir, register_configs
+    from ftcluster.compose import conf_dir, register_configs
 
     register_configs()
     result = {"code": 0}
@@ -78,8 +78,9 @@ def _sweep_point_run_dir(cfg) -> None:  # type: ignore[no-untyped-def]
 
 def drive(cfg) -> int:  # type: ignore[no-untyped-def]
     """Validate a composed config, prepare the run dir, launch. Returns the exit code."""
+    from ftcluster.compose import to_job
     from ftcluster.config import ConfigError
-    from ftcluster.driver import check_environment, prepare_run_dir, to_job
+    from ftcluster.driver import check_environment, prepare_run_dir
     from ftcluster.launch import launch
 
     try:

@@ -1,25 +1,26 @@
-"""The one typed config tree.
+"""The one typed config tree: the schema, and nothing else.
 
 Dataclasses here are the schema; YAML files under `conf/` select and fill variants (Hydra groups).
-Hydra composes and type-checks (unknown keys and wrong types fail at compose), `OmegaConf.to_object`
-turns the result into these dataclasses, and `JobConfig.validate()` checks values group by group
-(each group's `validate()`), then cross-field rules, naming the key. (Not `__post_init__`: Hydra
-builds the schema's defaults itself, and a default may be legitimately incomplete until composed.) Nothing here touches a device or a process
-group, so every check runs on the driver before any process starts. The config is never mutated
-after validation: derived facts (world size, accumulation, mesh) live in their own objects.
+`ftcluster/compose.py` registers them with Hydra, composes (unknown keys and wrong types fail
+there), turns the result into these dataclasses with `OmegaConf.to_object`, and runs
+`JobConfig.validate()`: each group's `validate()`, then the cross-field rules, naming the key.
+(Not `__post_init__`: Hydra builds the schema's defaults itself, and a default may be legitimately
+incomplete until composed.) The checks here need nothing but the config: no filesystem, no other
+ftcluster module (this module imports none), no device or process group. Checks that look outside
+the config (paths, the model's own config.json, the backend's checks) are compose.py's
+`check_job_paths` and the backend's `check_job`. The config is never mutated after validation:
+derived facts (world size, accumulation, mesh) live in their own objects.
+
+Choice sets are tuples written once (`MODEL_INITS`, ...) and used by the validation; values stay
+plain strings (not Enums) so the resolved config dumps to YAML as written and compares as `==`.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from omegaconf import MISSING
-
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,35 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+# A count that is either a positive int or `auto`. OmegaConf 2.3 supports a Union of primitive
+# types (a UnionNode): `launcher.nproc_per_node=2` on the command line arrives as the int 2 and
+# `=auto` as the string; floats, bools and containers fail at compose naming the key. (`Any` would
+# accept anything and leave the check to validate; `str`, the old type, turned 2 into "2".)
+# A digit string (a quoted '2' in YAML, or a config saved when these fields were `str`) is
+# accepted by the validation too, so code reading these fields goes through `int(...)`.
+IntOrAuto = Union[int, str]
+AUTO = "auto"
+
+
+def _int_or_auto(value: Any, key: str, *, allowed: Optional[tuple[int, ...]] = None, lowest: int = 1,
+                 hint: str = "") -> None:
+    v = int(value) if isinstance(value, str) and value.isdigit() else value
+    if v == AUTO:
+        return
+    ok = isinstance(v, int) and not isinstance(v, bool) and (v in allowed if allowed else v >= lowest)
+    what = f"one of {', '.join(map(str, allowed))}" if allowed else f"an int >= {lowest}"
+    _require(ok, key, f"must be {what} or 'auto'{hint}; got {value!r}")
+
+
+# Whole words of a key name: `api_key`, `hf_token`, `WANDB_API_KEY` match; `tokenizer` does not.
+_SECRET_RE = re.compile(r"(^|[_\-.])(key|token|secret|password|passwd|credentials?|auth)s?($|[_\-.])", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """True when a key or environment variable name looks like it holds a secret."""
+    return bool(_SECRET_RE.search(name))
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     name: str = "default"
@@ -52,6 +82,14 @@ class RunConfig:
         _require(bool(self.dir), "run.dir", "must not be empty")
 
 
+MODEL_INITS = ("pretrained", "random")
+MODEL_ARCHS = ("llama", "qwen2")
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
+S2_ATTN = "s2_attn"
+"""`model.attn_implementation` of LongLoRA's shifted sparse attention (ftcluster/attention.py)."""
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     path: Optional[str] = None
@@ -63,20 +101,38 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow a model directory's own Python code to run. Off unless asked."""
     attn_implementation: str = "sdpa"
-    """Attention kernel registered with transformers (`sdpa`, `eager`, `flash_attention_2`, ...)."""
+    """Attention kernel registered with transformers (`sdpa`, `eager`, `flash_attention_2`, ...,
+    or `s2_attn`: LongLoRA's shifted sparse attention in training, full attention in evaluation)."""
+    s2_group_size_ratio: float = 0.25
+    """`attn_implementation=s2_attn`: group size as a fraction of each batch's sequence length
+    (LongLoRA: 1/4), rounded down, at least 2 tokens. Any length works: the last group may be
+    shorter. Evaluation and generation use full attention."""
+    s2_group_size: Optional[int] = None
+    """`attn_implementation=s2_attn`: absolute group size in tokens (>= 2); overrides
+    `s2_group_size_ratio`."""
     # Shape, used when `path` is unset (random init from a named architecture).
     arch: str = "llama"
     """Architecture for shape-only models: `llama` or `qwen2`."""
     vocab_size: int = 0
+    """Shape-only model: vocabulary size (tokens)."""
     hidden_size: int = 0
+    """Shape-only model: model (residual stream) width."""
     intermediate_size: int = 0
+    """Shape-only model: width of the MLP's inner (gate/up) projection."""
     num_layers: int = 0
+    """Shape-only model: decoder layers."""
     num_heads: int = 0
+    """Shape-only model: query heads per layer (must divide hidden_size)."""
     num_kv_heads: int = 0
+    """Shape-only model: key/value heads per layer (grouped-query attention; must divide num_heads)."""
     max_position_embeddings: int = 8192
+    """Shape-only model: context the model was built for, in tokens (the original context for RoPE scaling)."""
     rope_theta: float = 500000.0
+    """Shape-only model: RoPE base (Llama-3's 500000; Qwen2.5's 1000000)."""
     rms_norm_eps: float = 1e-5
+    """Shape-only model: epsilon of every RMSNorm."""
     tie_word_embeddings: bool = False
+    """Shape-only model: the output head shares the input embedding matrix."""
     # Context extension (ftcluster/rope.py). Unset: the model's own RoPE parameters are kept.
     rope_scaling_type: Optional[str] = None
     """RoPE scaling written into the model config: `linear` (position interpolation, LongLoRA's
@@ -88,7 +144,7 @@ class ModelConfig:
     """Target context in tokens: factor = this / the model's original maximum position
     (`original_max_position_embeddings` if the config has one, else `max_position_embeddings`);
     `max_position_embeddings` becomes this (kept at the original for `dynamic`, whose scaling
-    starts there)."""
+    starts there). Must exceed the model's current context."""
     rope_beta_fast: float = 32.0
     """YaRN: rotations above which dimensions are extrapolated (not interpolated)."""
     rope_beta_slow: float = 1.0
@@ -104,28 +160,30 @@ class ModelConfig:
     kernels in the model, and a fused linear cross-entropy loss instead of the chunked one."""
 
     def validate(self) -> None:
-        _one_of(self.init, "model.init", ("pretrained", "random"))
+        """Value checks only; that `path`/`tokenizer` exist and the context check against a model
+        directory's config.json are compose.py's `check_job_paths`."""
+        _one_of(self.init, "model.init", MODEL_INITS)
         self._validate_rope()
+        if self.attn_implementation == S2_ATTN:
+            _require(0.0 < self.s2_group_size_ratio <= 1.0, "model.s2_group_size_ratio",
+                     f"must be in (0, 1]; got {self.s2_group_size_ratio}")
+            _require(self.s2_group_size is None or self.s2_group_size >= 2, "model.s2_group_size",
+                     f"must be >= 2 (the shifted half of the heads moves by group_size // 2); got {self.s2_group_size}")
         if self.init == "pretrained":
             _require(self.path is not None, "model.path", "required with model.init=pretrained (a local Hugging Face directory)")
-        if self.path is not None:
-            _require(_looks_local(self.path), "model.path", f"must be a local directory, not a hub id; got {self.path!r}")
-            p = Path(self.path)
-            _require(p.is_dir(), "model.path", f"no such directory: {self.path}")
-            _require((p / "config.json").is_file(), "model.path", f"{self.path} has no config.json (expected a Hugging Face model directory)")
-        else:
-            _one_of(self.arch, "model.arch", ("llama", "qwen2"))
-            for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        if self.path is None:
+            _one_of(self.arch, "model.arch", MODEL_ARCHS)
+            for name in SHAPE_FIELDS:
                 _require(getattr(self, name) > 0, f"model.{name}", "must be > 0 when model.path is unset (shape-only model)")
             _require(self.hidden_size % self.num_heads == 0, "model.num_heads", "must divide model.hidden_size")
             _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", "must divide model.num_heads")
-        if self.tokenizer is not None:
-            _require(Path(self.tokenizer).is_dir(), "model.tokenizer", f"no such directory: {self.tokenizer}")
+            if self.extend_context_to is not None:
+                check_context_extension(self.extend_context_to, current=self.max_position_embeddings)
 
     def _validate_rope(self) -> None:
         kind, factor, target = self.rope_scaling_type, self.rope_scaling_factor, self.extend_context_to
         if kind is not None:
-            _one_of(kind, "model.rope_scaling_type", ("linear", "dynamic", "yarn", "llama3"))
+            _one_of(kind, "model.rope_scaling_type", ROPE_SCALING_TYPES)
             _require(factor is not None or target is not None, "model.rope_scaling_factor",
                      f"required with model.rope_scaling_type={kind} (or set model.extend_context_to)")
         if factor is not None:
@@ -136,23 +194,17 @@ class ModelConfig:
                  f"must be > model.rope_beta_slow > 0; got {self.rope_beta_fast}, {self.rope_beta_slow}")
         _require(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "model.rope_high_freq_factor",
                  f"must be > model.rope_low_freq_factor > 0; got {self.rope_high_freq_factor}, {self.rope_low_freq_factor}")
-        if target is not None and (self.path is None or (Path(self.path) / "config.json").is_file()):
-            from ftcluster.rope import current_max_positions  # rope.py imports this module
-
-            if self.path is not None:
-                current = current_max_positions(json.loads((Path(self.path) / "config.json").read_text()))
-            else:
-                current = self.max_position_embeddings
-            # Below the current context (e.g. 32768 on Llama-3.1's 131072) the new factor would shrink it.
-            _require(target > current, "model.extend_context_to",
-                     f"must exceed the model's current context of {current} tokens; got {target}")
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or os.path.exists(path)
+def check_context_extension(target: int, *, current: int) -> None:
+    """`model.extend_context_to` against the model's current context (tokens): below it (e.g. 32768
+    on Llama-3.1's 131072) the new factor would shrink the context."""
+    _require(target > current, "model.extend_context_to",
+             f"must exceed the model's current context of {current} tokens; got {target}")
 
 
 DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "synthetic")
+OVERLENGTH_POLICIES = ("truncate", "drop", "error")
 
 
 @dataclass(kw_only=True)
@@ -164,6 +216,8 @@ class DataConfig:
     """`messages` (chat turns, rendered with the chat template), `prompt_completion`, `alpaca`
     (instruction/input/output), `text` (every token supervised), `synthetic` (random tokens, benchmarks)."""
     split: str = "train"
+    """Split to read, with `datasets` slice syntax (`train[:1000]`): data files form one split of
+    this name; a saved `DatasetDict` directory is indexed by it."""
     max_seq_len: int = 512
     """Tokens per sample after rendering."""
     overlength: str = "truncate"
@@ -173,12 +227,19 @@ class DataConfig:
     chat_template: Optional[str] = None
     """Jinja chat template overriding the tokenizer's own (required if the tokenizer has none)."""
     messages_field: str = "messages"
+    """`format=messages`: column holding the list of {role, content} turns."""
     prompt_field: str = "prompt"
+    """`format=prompt_completion`: column of the prompt (not supervised)."""
     completion_field: str = "completion"
+    """`format=prompt_completion`: column of the completion (supervised)."""
     instruction_field: str = "instruction"
+    """`format=alpaca`: column of the instruction."""
     input_field: str = "input"
+    """`format=alpaca`: column of the optional input."""
     output_field: str = "output"
+    """`format=alpaca`: column of the response (supervised)."""
     text_field: str = "text"
+    """`format=text`: column of the text (every token supervised)."""
     synthetic_samples: int = 4096
     """Number of random samples for `format=synthetic` (each exactly max_seq_len tokens)."""
     num_proc: int = 1
@@ -186,7 +247,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _one_of(self.format, "data.format", DATA_FORMATS)
-        _one_of(self.overlength, "data.overlength", ("truncate", "drop", "error"))
+        _one_of(self.overlength, "data.overlength", OVERLENGTH_POLICIES)
         _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2; got {self.max_seq_len}")
         _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1; got {self.num_proc}")
         if self.format == "synthetic":
@@ -207,8 +268,11 @@ class PeftConfig:
     `trainable_modules`, normally the embeddings and norms (LongLoRA+); `peft=longlora` also
     selects S2-Attn, `model.attn_implementation=s2_attn`, used in training only)."""
     rank: int = 16
+    """LoRA rank r: inner dimension of each adapter (A: r x in, B: out x r)."""
     alpha: float = 32.0
+    """LoRA scaling numerator: the adapter's output is multiplied by alpha / rank."""
     dropout: float = 0.0
+    """Dropout probability on the adapter's input, in [0, 1) (training only)."""
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     """Module name suffixes that get adapters; `all-linear` means every linear projection of the
     decoder layers (not the output head)."""
@@ -216,12 +280,6 @@ class PeftConfig:
     """Modules trained in full next to the adapters, as fp32 master weights: each entry matches a
     module whose dotted name ends with it as whole components (`norm` is the final norm only,
     `input_layernorm` every layer's). An entry matching nothing is an error."""
-    group_size_ratio: float = 0.25
-    """S2-Attn (`model.attn_implementation=s2_attn`) group size as a fraction of each batch's
-    sequence length (LongLoRA: 1/4), rounded down, at least 2. Any length works: the last group
-    may be shorter. Evaluation and generation use full attention."""
-    group_size: Optional[int] = None
-    """Absolute S2-Attn group size in tokens (>= 2); overrides `group_size_ratio`."""
 
     def validate(self) -> None:
         _one_of(self.method, "peft.method", PEFT_METHODS)
@@ -234,34 +292,51 @@ class PeftConfig:
                  "only with an adapter method (peft=none trains every parameter already)")
         _require(all(bool(m) and not m.startswith(".") and not m.endswith(".") for m in self.trainable_modules),
                  "peft.trainable_modules", f"entries must be module names like embed_tokens; got {self.trainable_modules}")
-        _require(0.0 < self.group_size_ratio <= 1.0, "peft.group_size_ratio", f"must be in (0, 1]; got {self.group_size_ratio}")
-        _require(self.group_size is None or self.group_size >= 2, "peft.group_size",
-                 f"must be >= 2 (the shifted half of the heads moves by group_size // 2); got {self.group_size}")
 
 
-PARALLEL_BACKENDS = ("fsdp2", "zero1", "zero2", "zero3")
+# --- parallel: one schema per backend family (`parallel=fsdp2|zero1|zero2|zero3`) ---------------
+FSDP2_BACKEND = "fsdp2"
 ZERO_BACKENDS = ("zero1", "zero2", "zero3")
+PARALLEL_BACKENDS = (FSDP2_BACKEND, *ZERO_BACKENDS)
+REDUCE_DTYPES = ("fp32", "bf16")
+ZERO_OPTIMIZERS = ("torch", "deepspeed")
 
 
 @dataclass(kw_only=True)
-class ParallelConfig:
-    backend: str = "fsdp2"
-    """`fsdp2`: torch FSDP2 (`fully_shard` per decoder layer and on the root). `zero1`, `zero2`,
-    `zero3`: DeepSpeed ZeRO stage 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
+class FSDP2Config:
+    """`parallel=fsdp2`: torch FSDP2 (`fully_shard` per decoder layer and on the root)."""
+    backend: str = FSDP2_BACKEND
+    """`fsdp2` (this schema)."""
     reduce_dtype: str = "fp32"
     """Precision of gradient reduction across ranks (`fp32` or `bf16`)."""
     cpu_offload: bool = False
-    """Keep state in host memory. fsdp2: sharded parameters, gradients and optimizer state
-    (CPUOffloadPolicy). zero1/zero2: optimizer state, fp32 master weights and gradients
-    (ZeRO-Offload). zero3: those and the parameters."""
+    """Keep sharded parameters, gradients and optimizer state in host memory (CPUOffloadPolicy;
+    needs GPUs)."""
     reshard_after_forward: bool = True
-    """fsdp2: free unsharded layer weights after forward (ZeRO-3 style). False keeps them until
+    """Free unsharded layer weights after forward (ZeRO-3 style). False keeps them until
     backward (less communication, more memory)."""
-    # --- DeepSpeed ZeRO (zero* backends; ignored by fsdp2) -----------------------------------
+
+    def validate(self) -> None:
+        _require(self.backend == FSDP2_BACKEND, "parallel.backend", f"must be {FSDP2_BACKEND!r} for this schema; got {self.backend!r}")
+        _one_of(self.reduce_dtype, "parallel.reduce_dtype", REDUCE_DTYPES)
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    """`parallel=zero1|zero2|zero3`: DeepSpeed ZeRO. The DeepSpeed config is generated from these
+    fields (ftcluster/parallel/deepspeed.py)."""
+    backend: str = MISSING
+    """DeepSpeed ZeRO stage: `zero1` (optimizer state sharded), `zero2` (+ gradients), `zero3`
+    (+ parameters, partitioned as they are created)."""
+    reduce_dtype: str = "fp32"
+    """Precision of gradient reduction across ranks (`fp32` or `bf16`)."""
+    cpu_offload: bool = False
+    """Keep state in host memory and run the optimizer step on the CPU. zero1/zero2: optimizer
+    state, fp32 master weights and gradients (ZeRO-Offload). zero3: those and the parameters."""
     zero_optimizer: str = "torch"
-    """Optimizer implementation under ZeRO: `torch` (torch.optim.AdamW, fused kernel; nothing to
-    compile, the same update as fsdp2) or `deepspeed` (DeepSpeed's FusedAdam, or DeepSpeedCPUAdam
-    with cpu_offload; JIT-compiled C++/CUDA ops that need a compiler and, on GPU, a valid
+    """Optimizer implementation: `torch` (torch.optim.AdamW, fused kernel; nothing to compile, the
+    same update as fsdp2) or `deepspeed` (DeepSpeed's FusedAdam, or DeepSpeedCPUAdam with
+    cpu_offload; JIT-compiled C++/CUDA ops that need a compiler and, on GPU, a valid
     TORCH_CUDA_ARCH_LIST)."""
     overlap_comm: bool = True
     """Overlap gradient reduction (and zero3 parameter gathering) with compute."""
@@ -281,7 +356,7 @@ class ParallelConfig:
     """zero3: gather each decoder layer's parameters as one unit when the layer starts (DeepSpeed
     "leaf modules"), as FSDP2 does, instead of one gather per linear. False restores DeepSpeed's
     per-submodule hooks: each one costs Python time and, when more than two gathers are in flight,
-    a host sync, which left ZeRO-3 3.4x slower than FSDP2 on an 8B LoRA job (bench/RESULTS.md)."""
+    a host sync (bench/RESULTS.md measures the difference)."""
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
     """Further DeepSpeed config keys, merged recursively over the config ftcluster generates and
     checked by DeepSpeed's own config model when the job is validated (before any process starts).
@@ -290,31 +365,37 @@ class ParallelConfig:
     line new keys take Hydra's `+`: `+parallel.deepspeed_overrides.zero_optimization.sub_group_size=100000000`."""
 
     def validate(self) -> None:
-        _one_of(self.backend, "parallel.backend", PARALLEL_BACKENDS)
-        _one_of(self.reduce_dtype, "parallel.reduce_dtype", ("fp32", "bf16"))
-        _one_of(self.zero_optimizer, "parallel.zero_optimizer", ("torch", "deepspeed"))
+        _one_of(self.backend, "parallel.backend", ZERO_BACKENDS)
+        _one_of(self.reduce_dtype, "parallel.reduce_dtype", REDUCE_DTYPES)
+        _one_of(self.zero_optimizer, "parallel.zero_optimizer", ZERO_OPTIMIZERS)
         for name in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
                      "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             _require(getattr(self, name) > 0, f"parallel.{name}", f"must be > 0; got {getattr(self, name)}")
         _require(self.stage3_param_persistence_threshold >= 0, "parallel.stage3_param_persistence_threshold", "must be >= 0")
-        if self.backend not in ZERO_BACKENDS:
-            _require(not self.deepspeed_overrides, "parallel.deepspeed_overrides",
-                     f"only used by the DeepSpeed backends ({', '.join(ZERO_BACKENDS)}); parallel.backend is {self.backend}")
+
+
+PARALLEL_SCHEMAS: dict[str, type] = {"fsdp2": FSDP2Config, "zero": ZeroConfig}
+"""Schema name (ConfigStore `parallel_<name>_schema`) -> dataclass."""
+
+
+def parallel_schema(backend: str) -> type:
+    """The schema of a `parallel.backend` value. Raises ConfigError for an unknown backend."""
+    _one_of(backend, "parallel.backend", PARALLEL_BACKENDS)
+    return FSDP2Config if backend == FSDP2_BACKEND else ZeroConfig
 
 
 @dataclass(kw_only=True)
 class LocalLauncherConfig:
     kind: str = "local"
-    nproc_per_node: str = "auto"
+    """`local` (this schema)."""
+    nproc_per_node: IntOrAuto = AUTO
     """Ranks on this host: an int, or `auto` (one per visible GPU; 1 on a CPU-only host)."""
     master_port: int = 0
     """Rendezvous port on localhost; 0 picks a free one."""
 
     def validate(self) -> None:
         _require(self.kind == "local", "launcher.kind", "must be 'local' for this launcher")
-        v = str(self.nproc_per_node)
-        _require(v == "auto" or (v.isdigit() and int(v) >= 1), "launcher.nproc_per_node",
-                 f"must be a positive int or 'auto'; got {v!r}")
+        _int_or_auto(self.nproc_per_node, "launcher.nproc_per_node")
         _require(0 <= self.master_port < 65536, "launcher.master_port", "must be in [0, 65535]")
 
 
@@ -324,14 +405,15 @@ RAY_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 @dataclass(kw_only=True)
 class RayLauncherConfig:
     kind: str = "ray"
+    """`ray` (this schema)."""
     address: str = "auto"
     """Ray cluster to run on: `auto` (the running cluster this host belongs to, or $RAY_ADDRESS),
     `local` (start a private one-node cluster inside the driver), `host:port` (a cluster's GCS
     address) or `ray://host:port` (Ray Client)."""
-    num_workers: str = "auto"
+    num_workers: IntOrAuto = AUTO
     """Training workers (ranks): an int, or `auto` (every GPU the cluster has now, divided by
     gpus_per_worker; 1 on a cluster without GPUs)."""
-    gpus_per_worker: str = "auto"
+    gpus_per_worker: IntOrAuto = AUTO
     """GPUs per worker: 1, 0 (CPU workers, gloo), or `auto` (1 when the cluster has GPUs, 0 when
     it has none). Each rank drives one device, so more than 1 is refused."""
     cpus_per_worker: int = 1
@@ -352,12 +434,9 @@ class RayLauncherConfig:
         a = self.address
         ok = a in ("auto", "local") or a.startswith("ray://") or re.fullmatch(r"[\w.\-\[\]:]+:\d+", a) is not None
         _require(ok, "launcher.address", f"must be auto, local, host:port or ray://host:port; got {a!r}")
-        v = str(self.num_workers)
-        _require(v == "auto" or (v.isdigit() and int(v) >= 1), "launcher.num_workers",
-                 f"must be a positive int or 'auto'; got {v!r}")
-        _require(str(self.gpus_per_worker) in ("auto", "0", "1"), "launcher.gpus_per_worker",
-                 f"must be 0, 1 or 'auto' (each rank drives one device; use more workers for more GPUs); "
-                 f"got {self.gpus_per_worker!r}")
+        _int_or_auto(self.num_workers, "launcher.num_workers")
+        _int_or_auto(self.gpus_per_worker, "launcher.gpus_per_worker", allowed=(0, 1),
+                     hint=" (each rank drives one device; use more workers for more GPUs)")
         _require(self.cpus_per_worker >= 0, "launcher.cpus_per_worker", f"must be >= 0; got {self.cpus_per_worker}")
         _one_of(self.placement_strategy, "launcher.placement_strategy", RAY_PLACEMENT_STRATEGIES)
         _require(self.max_failures >= -1, "launcher.max_failures", f"must be >= -1 (-1 = unlimited); got {self.max_failures}")
@@ -394,6 +473,7 @@ class SlurmLauncherConfig:
     allocation the job runs the saved resolved config with Ray (`mode=ray`) or torch elastic
     (`mode=torchrun`); see ftcluster/launch/slurm.py."""
     kind: str = "slurm"
+    """`slurm` (this schema)."""
     mode: str = "ray"
     """`ray`: a Ray head on the first node, Ray workers on the others (srun), training through the
     Ray launcher. `torchrun`: srun one torch elastic agent per node, c10d rendezvous on the first."""
@@ -406,8 +486,11 @@ class SlurmLauncherConfig:
     mem: Optional[str] = None
     """Memory per node (#SBATCH --mem), e.g. `480G`; `0` asks for all of it; unset: the partition's default."""
     partition: Optional[str] = None
+    """#SBATCH --partition; unset: the cluster's default partition."""
     account: Optional[str] = None
+    """#SBATCH --account to charge; unset: your default account."""
     qos: Optional[str] = None
+    """#SBATCH --qos; unset: the association's default."""
     time: Optional[str] = None
     """Time limit (#SBATCH --time): minutes, HH:MM:SS or D-HH:MM:SS; unset: the partition's default."""
     constraint: Optional[str] = None
@@ -491,6 +574,9 @@ class SlurmLauncherConfig:
 
 LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "ray": RayLauncherConfig,
                                      "slurm": SlurmLauncherConfig}
+"""`launcher.kind` -> schema (ConfigStore `launcher_<kind>_schema`)."""
+
+TRAIN_DTYPES = ("bf16", "fp32")
 
 
 @dataclass(kw_only=True)
@@ -519,7 +605,7 @@ class TrainConfig:
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1; got {self.micro_batch_size}")
         _require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1; got {self.grad_accum}")
         _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
-        _one_of(self.dtype, "train.dtype", ("bf16", "fp32"))
+        _one_of(self.dtype, "train.dtype", TRAIN_DTYPES)
         _require(self.log_every >= 1, "train.log_every", f"must be >= 1; got {self.log_every}")
         _require(self.loss_chunk_size >= 1, "train.loss_chunk_size", "must be >= 1")
 
@@ -531,11 +617,15 @@ class OptimConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay, applied to matrices only (not norms, biases)."""
     beta1: float = 0.9
+    """AdamW decay rate of the first-moment (gradient mean) estimate, in [0, 1)."""
     beta2: float = 0.95
+    """AdamW decay rate of the second-moment (squared gradient) estimate, in [0, 1)."""
     eps: float = 1e-8
+    """AdamW term added to the root of the second moment (numerical stability), > 0."""
     warmup_steps: int = 0
     """Linear warm-up from 0 to lr over this many steps, then cosine decay to lr x min_lr_ratio at max_steps."""
     min_lr_ratio: float = 0.1
+    """Final learning rate at max_steps as a fraction of lr, in [0, 1]."""
 
     def validate(self) -> None:
         _require(self.lr > 0, "optim.lr", f"must be > 0; got {self.lr}")
@@ -566,6 +656,10 @@ class CheckpointConfig:
         _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1; got {self.keep_last}")
 
 
+LOGGER_KINDS = ("none", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 @dataclass(kw_only=True)
 class LoggerConfig:
     kind: str = "none"
@@ -573,15 +667,19 @@ class LoggerConfig:
     mode: str = "offline"
     """W&B mode: `online`, `offline` (local files only, no account needed) or `disabled`."""
     project: str = "ftcluster"
+    """W&B project the run is logged to."""
     entity: Optional[str] = None
+    """W&B entity (user or team) owning the project; unset: the account's default."""
     group: Optional[str] = None
+    """W&B run group (e.g. a sweep's name), to view related runs together."""
     tags: List[str] = field(default_factory=list)
+    """W&B run tags."""
     name: Optional[str] = None
     """W&B run name; defaults to run.name."""
 
     def validate(self) -> None:
-        _one_of(self.kind, "logger.kind", ("none", "wandb"))
-        _one_of(self.mode, "logger.mode", ("online", "offline", "disabled"))
+        _one_of(self.kind, "logger.kind", LOGGER_KINDS)
+        _one_of(self.mode, "logger.mode", WANDB_MODES)
 
 
 @dataclass(kw_only=True)
@@ -590,9 +688,11 @@ class DebugConfig:
     """Test hook: rank `fail_rank` raises once at this step (0 = off). Recorded in the run dir so a
     restarted run does not raise again."""
     fail_rank: int = 1
+    """Test hook: the rank that raises at `fail_at_step`."""
     nan_at_step: int = 0
     """Test hook: rank `nan_rank` makes its loss NaN at this step (0 = off)."""
     nan_rank: int = 0
+    """Test hook: the rank whose loss becomes NaN at `nan_at_step`."""
     kill_at_step: int = 0
     """Test hook: right after the checkpoint of this step commits, SIGKILL the job's whole process
     group (every rank and the launcher), exactly like `kill -9` of the job (0 = off)."""
@@ -605,25 +705,38 @@ class DebugConfig:
         _require(self.nan_at_step >= 0, "debug.nan_at_step", "must be >= 0")
 
 
+RESUME_KEYWORDS = ("auto", "never")
+
+
 @dataclass(kw_only=True)
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    """Run name and directory."""
     seed: int = 0
     """Seeds initial weights, data order and dropout. Same seed, same run, whatever the world size."""
     resume: str = "auto"
     """`auto`: continue from the newest committed checkpoint in run.dir if any; `never`: start fresh
-    (fails if run.dir already holds checkpoints); or the path of one checkpoint directory."""
+    (fails if run.dir already holds checkpoints); or the path of one committed checkpoint directory."""
     model: ModelConfig = MISSING
+    """The model: a local directory or a shape (`model=tiny|local|llama3_8b|...`)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training data and its rendering (`data=sample_chat|jsonl|synthetic`)."""
     peft: PeftConfig = field(default_factory=PeftConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parameter-efficient fine-tuning (`peft=none|lora|qlora|longlora`)."""
+    parallel: Any = MISSING
+    """FSDP2Config or ZeroConfig (`parallel=fsdp2|zero1|zero2|zero3|...`): variants with their own keys."""
     launcher: Any = MISSING
-    """One of the launcher configs (`launcher=local`, ...)."""
+    """One of the launcher configs (`launcher=local|ray|slurm`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop: steps, batch, precision, clipping."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the learning-rate schedule."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Metrics logging (`logger=none|wandb`)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
+    """Test hooks (failure injection)."""
 
     def validate(self) -> "JobConfig":
         """Check every group, then the cross-field rules. Raises ConfigError naming the key."""
@@ -631,14 +744,19 @@ class JobConfig:
                       self.train, self.optim, self.checkpoint, self.logger, self.debug):
             group.validate()
         _require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")
-        if self.resume not in ("auto", "never"):
-            p = Path(self.resume)
-            _require(p.is_dir() and (p / "meta.json").is_file(), "resume",
-                     f"must be auto, never, or a committed checkpoint directory; {self.resume!r} is none of these")
+        _require(bool(self.resume), "resume", "must be auto, never, or a committed checkpoint directory")
         if self.data.format != "synthetic":
             _require(self.model.tokenizer is not None or self.model.path is not None, "model.tokenizer",
                      "a tokenizer directory is required to tokenise data (or use data.format=synthetic)")
         _require(self.debug.fail_at_step <= self.train.max_steps, "debug.fail_at_step", "must be <= train.max_steps")
+        self._validate_restarts()
+        if not self.checkpoint.adapter_only and self.peft.method != "none":
+            _require(self.parallel.backend == FSDP2_BACKEND, "checkpoint.adapter_only",
+                     "false (save the frozen base too) is supported by parallel=fsdp2 only; DeepSpeed checkpoints "
+                     "never hold frozen weights (they are rebuilt from model.path or the seed)")
+        return self
+
+    def _validate_restarts(self) -> None:
         # Ray Train restarts a failed worker group inside the same launch (launcher=ray, or Slurm's
         # mode=ray); the new group must continue from the newest committed checkpoint.
         launcher, retries = self.launcher, 0
@@ -650,69 +768,3 @@ class JobConfig:
             _require(self.resume == "auto", "resume",
                      f"{self.resume!r} with {knob}={retries}: a restarted worker group continues from the newest "
                      "committed checkpoint in the run dir, which needs resume=auto")
-        if not self.checkpoint.adapter_only and self.peft.method != "none":
-            _require(self.parallel.backend == "fsdp2", "checkpoint.adapter_only",
-                     "false (save the frozen base too) is supported by parallel=fsdp2 only; DeepSpeed checkpoints "
-                     "never hold frozen weights (they are rebuilt from model.path or the seed)")
-        return self
-
-
-# --- Hydra registration -------------------------------------------------------------------------
-
-def _asset_path(name: str) -> str:
-    """OmegaConf resolver `${asset:NAME}`: absolute path of a file shipped in ftcluster/assets."""
-    p = ASSETS_DIR / name
-    if not p.exists():
-        raise ConfigError(f"asset {name!r} is not shipped in {ASSETS_DIR}")
-    return str(p)
-
-
-def register_configs() -> None:
-    """Register schemas with Hydra's ConfigStore and our resolvers. Idempotent."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("asset"):
-        OmegaConf.register_new_resolver("asset", _asset_path)
-    cs = ConfigStore.instance()
-    cs.store(name="job_schema", node=JobConfig)
-    # Variant schemas are stored outside any group so `--help` does not list them as options;
-    # each variant's YAML starts from its schema (`defaults: [/launcher_local_schema@_here_]`).
-    for name, node in LAUNCHER_SCHEMAS.items():
-        cs.store(name=f"launcher_{name}_schema", node=node)
-
-
-CONF_DIR_ENV = "FTCLUSTER_CONF_DIR"
-
-
-def conf_dir() -> Path:
-    """Directory of the shipped YAML groups: `ftcluster/conf` inside the installed package (mapped
-    from the repo's top-level `conf/`), or the repo's `conf/` when running from a source tree."""
-    if os.environ.get(CONF_DIR_ENV):
-        return Path(os.environ[CONF_DIR_ENV])
-    try:
-        from importlib.resources import files
-
-        p = Path(str(files("ftcluster.conf")))
-        if (p / "config.yaml").is_file():
-            return p
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "conf"
-
-
-# Whole words of a key name: `api_key`, `hf_token`, `WANDB_API_KEY` match; `tokenizer` does not.
-_SECRET_RE = re.compile(r"(^|[_\-.])(key|token|secret|password|passwd|credentials?|auth)s?($|[_\-.])", re.IGNORECASE)
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_RE.search(name))
-
-
-def redact(obj: Any) -> Any:
-    """Copy of a plain (dict/list) config with values of secret-looking keys replaced."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if is_secret_name(str(k)) and v not in (None, "") else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj

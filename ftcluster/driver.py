@@ -1,4 +1,5 @@
-"""What the driver does once, before any rank starts: typed config, environment checks, run dir."""
+"""What the driver does once, before any rank starts: environment checks, run dir. (The typed,
+validated config comes from `ftcluster.compose.to_job`.)"""
 from __future__ import annotations
 
 import os
@@ -6,30 +7,9 @@ from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from ftcluster.config import ConfigError, JobConfig, LocalLauncherConfig, RayLauncherConfig, redact
-
-
-def to_job(cfg: DictConfig) -> JobConfig:
-    """Composed Hydra config -> validated JobConfig (ConfigError names the key)."""
-    try:
-        job = OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as e:
-        # OmegaConf wraps errors raised while building dataclasses; surface ours unchanged.
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        key = getattr(e, "full_key", None)
-        raise ConfigError(f"{key or '<config>'}: {getattr(e, 'msg', str(e))}") from None
-    assert isinstance(job, JobConfig)
-    job.validate()
-    from ftcluster.parallel import check_job  # the backend's own checks (DeepSpeed's config model)
-
-    check_job(job)
-    return job
+from ftcluster.compose import redact
+from ftcluster.config import ConfigError, JobConfig, LocalLauncherConfig, RayLauncherConfig
 
 
 def visible_gpus() -> int:

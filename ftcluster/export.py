@@ -96,18 +96,17 @@ def resolve_checkpoint(path: Path) -> Path:
 def load_source(path: Path, *, trust_remote_code: bool = False) -> Source:
     """The checkpoint and the run's config. `trust_remote_code` is the exporter's decision, not the
     run's: a checkpoint from elsewhere must not run its model directory's code unless asked."""
-    import yaml
-    from omegaconf import OmegaConf
+    from ftcluster.compose import load_saved_job
+    from ftcluster.config import ConfigError
 
     ckpt = resolve_checkpoint(path)
     cfg_file = ckpt / "config.yaml"
-    text = cfg_file.read_text() if cfg_file.is_file() else ""
-    if not text.strip():
+    if not (cfg_file.is_file() and cfg_file.read_text().strip()):
         raise ExportError(f"{ckpt}: no config.yaml (the run's resolved config); cannot tell the model it trained")
-    data = yaml.safe_load(text)
-    data["launcher"] = None  # where it ran does not matter here
-    job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), data))
-    assert isinstance(job, JobConfig)
+    try:  # the typed tree only: the run's paths (resume, data) need not exist any more
+        job = load_saved_job(cfg_file, driver_checks=False)
+    except ConfigError as e:
+        raise ExportError(f"{cfg_file}: {e}") from None
     job = dataclasses.replace(job, model=dataclasses.replace(job.model, trust_remote_code=trust_remote_code))
     return Source(checkpoint=ckpt, job=job, meta=json.loads((ckpt / "meta.json").read_text()))
 

@@ -29,12 +29,10 @@ import logging
 import torch.nn as nn
 
 from ftcluster.attention import DEFAULT_S2_GROUP_SIZE_RATIO
-from ftcluster.config import PeftConfig
+from ftcluster.config import S2_ATTN, ModelConfig
 
 log = logging.getLogger(__name__)
 
-S2_ATTN = "s2_attn"
-"""Name S2-Attn is registered under in transformers' attention interface."""
 S2_CONFIG_KEYS = ("s2_group_size", "s2_group_size_ratio")
 
 
@@ -62,13 +60,13 @@ def apply_trainable_modules(model: nn.Module, suffixes: list[str]) -> list[str]:
     return switched
 
 
-def apply_s2_group_size(hf_config, peft: PeftConfig) -> None:  # type: ignore[no-untyped-def]
+def apply_s2_group_size(hf_config, model: ModelConfig) -> None:  # type: ignore[no-untyped-def]
     """Write the S2-Attn group size into the HF config the attention layers share (read per call
-    by `s2_group_size_for`): absolute `peft.group_size` if set, else `peft.group_size_ratio`."""
-    hf_config.s2_group_size = peft.group_size
-    hf_config.s2_group_size_ratio = peft.group_size_ratio if peft.group_size is None else None
-    what = (f"{peft.group_size} tokens" if peft.group_size is not None
-            else f"{peft.group_size_ratio:g} x sequence length (LongLoRA default {DEFAULT_S2_GROUP_SIZE_RATIO:g})")
+    by `s2_group_size_for`): absolute `model.s2_group_size` if set, else `model.s2_group_size_ratio`."""
+    hf_config.s2_group_size = model.s2_group_size
+    hf_config.s2_group_size_ratio = model.s2_group_size_ratio if model.s2_group_size is None else None
+    what = (f"{model.s2_group_size} tokens" if model.s2_group_size is not None
+            else f"{model.s2_group_size_ratio:g} x sequence length (LongLoRA default {DEFAULT_S2_GROUP_SIZE_RATIO:g})")
     log.info("S2-Attn in training, group size %s; evaluation uses full attention", what)
 
 

@@ -195,7 +195,7 @@ def resolved_config_yaml(job: JobConfig) -> str:
     import yaml
     from omegaconf import OmegaConf
 
-    from ftcluster.config import redact
+    from ftcluster.compose import redact
 
     return yaml.safe_dump(redact(OmegaConf.to_container(OmegaConf.structured(job))), sort_keys=False)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ftcluster.compose import compose_job  # noqa: F401 - tests import it from here
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,18 +35,6 @@ def train_ok(*args: str, run: Path, cwd: Path, env: dict[str, str] | None = None
     p = run_cli("train", *args, f"run.dir={run}", cwd=cwd, env=env, timeout=timeout)
     assert p.returncode == 0, explain(p)
     return p
-
-
-def compose_job(*overrides: str):  # type: ignore[no-untyped-def]
-    """The validated JobConfig the CLI would build from these overrides (Hydra compose, no process)."""
-    from hydra import compose, initialize_config_dir
-
-    from ftcluster import driver
-    from ftcluster.config import conf_dir, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return driver.to_job(compose("config", overrides=list(overrides)))
 
 
 def lm_batch(ids, labels=None):  # type: ignore[no-untyped-def]

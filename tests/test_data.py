@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ftcluster.config import ASSETS_DIR, DataConfig
+from ftcluster.compose import ASSETS_DIR
+from ftcluster.config import DataConfig
 from ftcluster.data import DataError, DistributedBatches, build_dataset, check_enough_samples
 from ftcluster.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 

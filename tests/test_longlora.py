@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import cli_env, committed_steps, compose_job, events, explain, lm_batch, losses, run_cli
-from ftcluster.config import ConfigError, JobConfig, ModelConfig, register_configs
+from ftcluster.compose import check_model_paths, register_configs
+from ftcluster.config import ConfigError, JobConfig, ModelConfig
 from ftcluster.longlora import S2_ATTN, hf_config_for_export
 from ftcluster.model import TrainModule, build_hf_config, build_module, materialize
 
@@ -43,16 +44,16 @@ def test_peft_longlora_composes_lora_plus_s2() -> None:
     j = job("peft=longlora")
     assert j.peft.method == "longlora" and j.model.attn_implementation == S2_ATTN
     assert j.peft.trainable_modules == ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]
-    assert j.peft.group_size_ratio == 0.25 and j.peft.group_size is None
+    assert j.model.s2_group_size_ratio == 0.25 and j.model.s2_group_size is None
     # a command-line override wins over the group (full-attention ablation)
     assert job("peft=longlora", "model.attn_implementation=sdpa").model.attn_implementation == "sdpa"
     assert job("peft=lora").model.attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["peft=longlora", "peft.group_size=1"], "peft.group_size"),
-    (["peft=longlora", "peft.group_size_ratio=0"], "peft.group_size_ratio"),
-    (["peft=longlora", "peft.group_size_ratio=1.5"], "peft.group_size_ratio"),
+    (["peft=longlora", "model.s2_group_size=1"], "model.s2_group_size"),
+    (["peft=longlora", "model.s2_group_size_ratio=0"], "model.s2_group_size_ratio"),
+    (["peft=longlora", "model.s2_group_size_ratio=1.5"], "model.s2_group_size_ratio"),
     (["peft=none", "peft.trainable_modules=[embed_tokens]"], "peft.trainable_modules"),
     (["model.rope_scaling_type=ntk", "model.rope_scaling_factor=2"], "model.rope_scaling_type"),
     (["model.rope_scaling_type=linear"], "model.rope_scaling_factor"),
@@ -156,7 +157,7 @@ def test_eval_uses_full_attention_train_uses_s2() -> None:
         torch.testing.assert_close(a[:, :8], b[:, :8], rtol=1e-5, atol=1e-5)  # first G/2 tokens: same context
         assert not torch.allclose(s2(lm_batch(ids)), full(lm_batch(ids)))
     # an absolute group size covering the whole sequence: training equals full attention up to G/2
-    whole = build(job("peft=longlora", "peft.group_size=128"), device=cpu)
+    whole = build(job("peft=longlora", "model.s2_group_size=128"), device=cpu)
     assert whole.hf_model.config.s2_group_size == 128 and whole.hf_model.config.s2_group_size_ratio is None
     with torch.no_grad():
         whole.train()
@@ -168,8 +169,8 @@ def test_mfu_counts_the_group_as_attended_span() -> None:
 
     s2 = build(job("peft=longlora")).hf_model.config
     assert attended_span(s2, 4096) == 1024 and attended_span(s2, 7) == 2
-    assert attended_span(build(job("peft=longlora", "peft.group_size=512")).hf_model.config, 4096) == 512
-    assert attended_span(build(job("peft=longlora", "peft.group_size=512")).hf_model.config, 100) == 100
+    assert attended_span(build(job("peft=longlora", "model.s2_group_size=512")).hf_model.config, 4096) == 512
+    assert attended_span(build(job("peft=longlora", "model.s2_group_size=512")).hf_model.config, 100) == 100
     assert attended_span(build(job("peft=lora")).hf_model.config, 4096) == 4096
 
 
@@ -256,6 +257,7 @@ def test_model_with_llama3_scaling_extends_from_its_pretraining_context(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     m = ModelConfig(path=str(tmp_path), init="pretrained", extend_context_to=262144)
     m.validate()
+    check_model_paths(m)
     hf = build_hf_config(m)
     assert hf.rope_parameters["rope_type"] == "llama3"  # the model's own scaling type is kept
     assert hf.rope_parameters["factor"] == 32.0 and hf.rope_parameters["original_max_position_embeddings"] == 8192
@@ -263,7 +265,7 @@ def test_model_with_llama3_scaling_extends_from_its_pretraining_context(tmp_path
     # Between the pre-training context (8192) and the current one (131072) a factor from 8192 would
     # shrink the model's context: refused.
     with pytest.raises(ConfigError, match="^model.extend_context_to: must exceed .* current context of 131072"):
-        ModelConfig(path=str(tmp_path), init="pretrained", extend_context_to=32768).validate()
+        check_model_paths(ModelConfig(path=str(tmp_path), init="pretrained", extend_context_to=32768))
 
 
 def test_materialised_model_uses_scaled_rope() -> None:

@@ -92,10 +92,10 @@ def test_plan_workers_resolves_auto() -> None:
     assert p.resources_per_worker == {"CPU": 1, "GPU": 1}
     p = plan_workers(auto, {"CPU": 4.0})
     assert (p.num_workers, p.gpus_per_worker, p.backend, p.resources_per_worker) == (1, 0, "gloo", {"CPU": 1})
-    p = plan_workers(RayLauncherConfig(num_workers="2", gpus_per_worker="0", cpus_per_worker=3), {"CPU": 4.0, "GPU": 8.0})
+    p = plan_workers(RayLauncherConfig(num_workers=2, gpus_per_worker=0, cpus_per_worker=3), {"CPU": 4.0, "GPU": 8.0})
     assert (p.num_workers, p.backend, p.resources_per_worker) == (2, "gloo", {"CPU": 3})
     with pytest.raises(ConfigError, match="launcher.num_workers"):
-        plan_workers(RayLauncherConfig(gpus_per_worker="1"), {"CPU": 4.0})
+        plan_workers(RayLauncherConfig(gpus_per_worker=1), {"CPU": 4.0})
 
 
 def test_forwarded_env_skips_secrets() -> None:

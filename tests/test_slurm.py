@@ -203,14 +203,15 @@ def test_dry_run_renders_without_submitting(tmp_path: Path) -> None:
 
 def test_the_job_runs_the_saved_config_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside the allocation the saved resolved config loads back to the JobConfig the driver validated."""
-    from ftcluster.launch.slurm_job import for_this_run, load_job
+    from ftcluster.compose import load_saved_job
+    from ftcluster.launch.slurm_job import for_this_run
 
     run = tmp_path / "X"
     args = [*CPU_JOB, "launcher.mode=torchrun", "optim.lr=1e-4", "+launcher.env.NCCL_DEBUG=INFO", "resume=never",
             f"run.dir={run}"]
     p = run_cli("train", *args, "launcher.dry_run=true", cwd=tmp_path)
     assert p.returncode == 0, explain(p)
-    job = load_job(run / "slurm/dry-run/config.yaml")
+    job = load_saved_job(run / "slurm/dry-run/config.yaml")
     assert job == _job(*args, "launcher.dry_run=true")
     assert for_this_run(job) is job
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued run always continues from the newest checkpoint

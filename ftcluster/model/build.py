@@ -79,7 +79,7 @@ def apply_peft(hf_model: nn.Module, job: JobConfig, *, layers: list[nn.Module]) 
     decoder linears to NF4 here (still on the meta device; they are filled as weights load)."""
     p = job.peft
     if hf_model.config._attn_implementation == S2_ATTN:
-        apply_s2_group_size(hf_model.config, p)
+        apply_s2_group_size(hf_model.config, job.model)
     if p.method == "none":
         for prm in hf_model.parameters():
             prm.requires_grad_(True)
