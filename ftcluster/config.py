@@ -315,10 +315,19 @@ class FSDP2Config:
     reshard_after_forward: bool = True
     """Free unsharded layer weights after forward (ZeRO-3 style). False keeps them until
     backward (less communication, more memory)."""
+    defer_grad_sync: Union[bool, str] = "auto"
+    """With train.grad_accum > 1: reduce-scatter gradients once per step, after the last
+    micro-batch, instead of after every one (`true`), or never defer (`false`). Deferring keeps
+    unsharded fp32 gradients of the trainable parameters for the whole step. `auto`: defer on GPU
+    ranks when the trainable parameters are at most 5% of the model (adapter runs), where that
+    memory is small; on CPU ranks the per-micro-batch reduction is kept (same sums, same order as
+    without accumulation)."""
 
     def validate(self) -> None:
         _require(self.backend == FSDP2_BACKEND, "parallel.backend", f"must be {FSDP2_BACKEND!r} for this schema; got {self.backend!r}")
         _one_of(self.reduce_dtype, "parallel.reduce_dtype", REDUCE_DTYPES)
+        _require(self.defer_grad_sync in (True, False, "auto"), "parallel.defer_grad_sync",
+                 f"must be true, false or auto; got {self.defer_grad_sync!r}")
 
 
 @dataclass(kw_only=True)

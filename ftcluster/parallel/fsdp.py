@@ -155,10 +155,10 @@ def _defer_grad_sync(job: JobConfig, dist: Dist, module: nn.Module) -> bool:
     true/false, or `auto`: on GPU, with accumulation, several ranks and few trainable parameters.
     (On CPU, gloo, the order of the floating-point sums would differ from the per-micro-batch
     reduction for no measurable gain; `true` forces it for tests.)"""
-    choice = str(getattr(job.parallel, "defer_grad_sync", "auto"))
-    if choice in ("true", "True"):
+    choice = job.parallel.defer_grad_sync
+    if choice is True:
         return job.train.grad_accum > 1
-    if choice in ("false", "False"):
+    if choice is False:
         return False
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
