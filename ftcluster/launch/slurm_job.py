@@ -39,7 +39,6 @@ def load_job(path: Path) -> JobConfig:
     from omegaconf import OmegaConf
 
     from ftcluster.config import register_configs
-    from ftcluster.driver import to_job
 
     register_configs()
     data = yaml.safe_load(path.read_text())
@@ -51,7 +50,30 @@ def load_job(path: Path) -> JobConfig:
         raise ConfigError(f"launcher.kind: unknown launcher {launcher.get('kind')!r} in {path}")
     cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), data)
     cfg.launcher = OmegaConf.merge(OmegaConf.structured(schema), launcher)
-    return to_job(cfg)
+    return _typed(cfg)
+
+
+def _typed(cfg) -> JobConfig:  # type: ignore[no-untyped-def]
+    """The merged config -> a validated JobConfig: the steps of the driver's `to_job` (typing,
+    `validate()`, the backend's `check_job`), which launch/ does not import; an error names the key
+    as it did at submission."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ftcluster.parallel import check_job
+
+    try:
+        job = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        # OmegaConf wraps errors raised while building dataclasses; surface ours unchanged.
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"{getattr(e, 'full_key', None) or '<config>'}: {getattr(e, 'msg', str(e))}") from None
+    assert isinstance(job, JobConfig)
+    job.validate()
+    check_job(job)
+    return job
 
 
 def _restart() -> int:
@@ -80,7 +102,7 @@ def _preempted_note(run_dir: Path) -> None:
 def run_torchrun(job: JobConfig, run_dir: Path, *, nnodes: int, rdzv_endpoint: str, rdzv_id: str) -> int:
     from torch.distributed.launcher.api import LaunchConfig
 
-    from ftcluster.launch.local import run_elastic
+    from ftcluster.launch.runner import run_elastic
 
     c: SlurmLauncherConfig = job.launcher
     nproc = max(1, c.gpus_per_node)
