@@ -38,10 +38,9 @@ import os
 import re
 import shutil
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn

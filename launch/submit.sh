@@ -62,7 +62,7 @@ esac
 # the forwarded variables, as JSON.
 runtime_env=$(REPO="$repo" python3 - <<'EOF'
 import json, os, re
-# Keep in step with ftcluster/launch/ray.py FORWARD_ENV_PREFIXES (tests/test_ray.py checks).
+# Keep in step with ftcluster/launch/ray/plan.py FORWARD_ENV_PREFIXES (tests/test_ray.py checks).
 prefixes = ("FTCLUSTER_", "HF_", "TRANSFORMERS_", "WANDB_", "NCCL_", "TORCH_", "PYTORCH_", "DS_", "TOKENIZERS_",
             "OMP_NUM_THREADS", "CUDA_LAUNCH_BLOCKING")
 secret = re.compile(r"(^|[_\-.])(key|token|secret|password|passwd|credentials?|auth)s?($|[_\-.])", re.I)

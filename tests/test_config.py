@@ -8,6 +8,7 @@ import pytest
 
 from conftest import cli_env, compose_job, run_cli
 from ftcluster import driver
+from ftcluster.launch import hosts
 from omegaconf import OmegaConf
 
 from ftcluster.compose import conf_dir, register_configs
@@ -92,11 +93,11 @@ def test_lora_rank_checked_only_for_adapters() -> None:
 
 def test_more_ranks_than_gpus_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     # Mock: this machine has no GPU; pretend it is a host with 2 visible GPUs.
-    monkeypatch.setattr(driver, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(hosts, "visible_gpus", lambda: 2)
     with pytest.raises(ConfigError, match=r"^launcher.nproc_per_node: 3 ranks but only 2 visible GPUs"):
         driver.check_environment(job("launcher.nproc_per_node=3"))
     driver.check_environment(job("launcher.nproc_per_node=2"))
-    assert driver.local_world_size(job().launcher) == 2  # auto = one per GPU
+    assert hosts.local_world_size(job().launcher) == 2  # auto = one per GPU
 
 
 def test_cpu_offload_needs_gpus() -> None:
@@ -105,8 +106,8 @@ def test_cpu_offload_needs_gpus() -> None:
 
 
 def test_auto_is_one_rank_on_cpu() -> None:
-    assert driver.visible_gpus() == 0
-    assert driver.local_world_size(job().launcher) == 1
+    assert hosts.visible_gpus() == 0
+    assert hosts.local_world_size(job().launcher) == 1
 
 
 def test_cli_errors_before_any_process(tmp_path: Path) -> None:

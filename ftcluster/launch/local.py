@@ -1,23 +1,31 @@
 """launcher=local: `nproc_per_node` ranks on this host through torch's elastic launcher API."""
 from __future__ import annotations
 
-import logging
 import os
-import signal
-import sys
-import time
 import uuid
 from pathlib import Path
 
-from ftcluster.config import JobConfig
-from ftcluster.driver import local_world_size
-from ftcluster.preemption import TERMINATED_EXIT_CODE
+from ftcluster.config import ConfigError, JobConfig, LocalLauncherConfig
+from ftcluster.launch import hosts
+from ftcluster.launch.runner import run_elastic
+
+
+def check(job: JobConfig) -> None:
+    """Checks that need this host (not just the config), before the run dir or any process exists."""
+    launcher: LocalLauncherConfig = job.launcher
+    gpus = hosts.visible_gpus()
+    n = hosts.local_world_size(launcher)
+    if gpus and n > gpus:
+        raise ConfigError(f"launcher.nproc_per_node: {n} ranks but only {gpus} visible GPUs on this host")
+    if job.parallel.cpu_offload and job.parallel.backend == "fsdp2" and not gpus:  # ZeRO offload runs on CPU ranks
+        raise ConfigError("parallel.cpu_offload: needs GPUs (FSDP2 offloads from an accelerator; on a CPU-only "
+                          "host the parameters already live in host memory)")
 
 
 def launch_local(job: JobConfig, run_dir: Path) -> int:
     from torch.distributed.launcher.api import LaunchConfig
 
-    nproc = local_world_size(job.launcher)
+    nproc = hosts.local_world_size(job.launcher)
     port = job.launcher.master_port
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc,
@@ -33,101 +41,3 @@ def launch_local(job: JobConfig, run_dir: Path) -> int:
     if code == 0:
         print(f"ftcluster: done. metrics {run_dir / 'metrics.jsonl'}, checkpoints {run_dir / 'checkpoints'}", flush=True)
     return code
-
-
-def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  # type: ignore[no-untyped-def]
-    """Run `rank_entry` on this host's ranks with torch elastic (`config`: a LaunchConfig). A failed
-    rank's traceback goes to logs/rank<r>.error (unless the rank already wrote one) and one line per
-    failed rank to stderr. Returns the exit code. `where` prefixes messages (e.g. "node x: ")."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
-    # torch elastic's multiprocessing layer logs each failed rank's traceback at ERROR; we write it to
-    # logs/rank<r>.error and print one line per failed rank instead. Its agent and rendezvous
-    # warnings (the clues when a multi-node start fails) stay on.
-    quiet = logging.getLogger("torch.distributed.elastic.multiprocessing")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    stopped = f"ftcluster: {where}stopped by SIGTERM; the newest committed checkpoint is in {run_dir / 'checkpoints'}"
-    try:
-        elastic_launch(config, rank_entry)(job, str(run_dir))
-    except SignalException as e:
-        # This process got SIGTERM too (scancel signals every process of the job; a user may signal
-        # only the launcher): torch elastic passed it on to the ranks, which checkpoint and stop
-        # (train.py), and waited for them. Not a crash; exit as a process killed by SIGTERM would.
-        if e.sigval != signal.SIGTERM:
-            raise
-        print(stopped, file=sys.stderr, flush=True)
-        return TERMINATED_EXIT_CODE
-    except ChildFailedError as e:
-        if all(f.exitcode == TERMINATED_EXIT_CODE for f in e.failures.values()):
-            # Only the ranks got SIGTERM: they agreed on it, checkpointed and exited 143 on purpose.
-            print(stopped, file=sys.stderr, flush=True)
-            return TERMINATED_EXIT_CODE
-        print(f"ftcluster: {where}training failed on {len(e.failures)} rank(s); logs in {run_dir / 'logs'}",
-              file=sys.stderr)
-        for rank, failure in sorted(e.failures.items()):
-            full = _failure_text(failure)
-            append_rank_error(run_dir, rank, full, header=f"{where}pid {failure.pid}")
-            print(f"  rank {rank}: {_last_line(full)}", file=sys.stderr)
-        sys.stderr.flush()
-        return 1
-    finally:
-        quiet.setLevel(level)
-    return 0
-
-
-def append_rank_error(run_dir: Path, rank: int, text: str, *, header: str) -> None:
-    """Add a failure to logs/rank<r>.error. Appended, under a header with the time: a resumed or
-    requeued run reuses its run dir, and each failure's traceback must stay readable."""
-    try:
-        with open(run_dir / "logs" / f"rank{rank}.error", "a") as f:
-            f.write(f"--- {header}, {time.ctime()}\n{text.rstrip()}\n")
-    except OSError:
-        pass
-
-
-def _failure_text(failure) -> str:  # type: ignore[no-untyped-def]
-    """The rank's error with its traceback, from the error file `record` wrote."""
-    msg = failure.message
-    # torch elastic's error file: {"message": "<Error: text>", "extraInfo": {"py_callstack": ...}},
-    # older versions nest it once more under "message".
-    while isinstance(msg, dict):
-        extra = msg.get("extraInfo") or {}
-        msg = extra.get("py_callstack") or msg.get("message", str(msg))
-    text = str(msg).strip()
-    if not text or text.startswith("To enable traceback"):
-        text = f"exited with code {failure.exitcode} (signal or crash; see the rank's log)"
-    return text
-
-
-def _last_line(text: str) -> str:
-    """The error itself: the last non-empty line of a traceback."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else text
-
-
-def rank_entry(job: JobConfig, run_dir: str) -> None:
-    """Runs in each spawned rank. Ranks other than 0 write stdout/stderr to their log file only."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        _redirect_output(Path(run_dir) / "logs" / f"rank{rank}.out")
-    from ftcluster.preemption import exit_code
-    from ftcluster.train import train
-
-    code = exit_code(record(train)(job, Path(run_dir)))
-    if code:
-        sys.exit(code)
-
-
-def _redirect_output(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)

@@ -117,13 +117,19 @@ def render(job: JobConfig, *, run_dir: Path, submit_dir: Path, workdir: Path) ->
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def launch_slurm(job: JobConfig, run_dir: Path) -> int:
+def check(job: JobConfig) -> None:
+    """What submission needs from this host, before the run dir exists: mode=ray needs Ray here too
+    (the job's driver imports it; sbatch would only fail once the allocation started)."""
     c: SlurmLauncherConfig = job.launcher
     if c.mode == "ray":
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("launcher.mode: 'ray' needs Ray installed (pip install 'ray[train]'), or use launcher.mode=torchrun")
+
+
+def launch_slurm(job: JobConfig, run_dir: Path) -> int:
+    c: SlurmLauncherConfig = job.launcher
     config_text = (run_dir / "config.yaml").read_text()
     if "<redacted>" in config_text:
         raise ConfigError("launcher: the resolved config holds a secret (saved as <redacted>), which the job could not "

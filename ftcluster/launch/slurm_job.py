@@ -24,34 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
-from ftcluster.config import LAUNCHER_SCHEMAS, ConfigError, JobConfig, RayLauncherConfig, SlurmLauncherConfig
+from ftcluster.compose import load_saved_job
+from ftcluster.config import ConfigError, JobConfig, RayLauncherConfig, SlurmLauncherConfig
 from ftcluster.preemption import PREEMPT_SAVED_ENV
 
 SHUTDOWN_S = 600
 """torch elastic agent: how long to wait for ranks to exit after the agent got SIGTERM (they save a
 checkpoint first); Slurm's KillWait SIGKILL is the real bound."""
-
-
-def load_job(path: Path) -> JobConfig:
-    """A saved resolved config (config.yaml) -> the validated JobConfig it was made from."""
-    from omegaconf import OmegaConf
-
-    from ftcluster.config import register_configs
-    from ftcluster.driver import to_job
-
-    register_configs()
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("launcher"), dict):
-        raise ConfigError(f"{path}: not a resolved ftcluster config")
-    launcher = data.pop("launcher")
-    schema = LAUNCHER_SCHEMAS.get(str(launcher.get("kind")))
-    if schema is None:
-        raise ConfigError(f"launcher.kind: unknown launcher {launcher.get('kind')!r} in {path}")
-    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), data)
-    cfg.launcher = OmegaConf.merge(OmegaConf.structured(schema), launcher)
-    return to_job(cfg)
 
 
 def _restart() -> int:
@@ -80,7 +60,7 @@ def _preempted_note(run_dir: Path) -> None:
 def run_torchrun(job: JobConfig, run_dir: Path, *, nnodes: int, rdzv_endpoint: str, rdzv_id: str) -> int:
     from torch.distributed.launcher.api import LaunchConfig
 
-    from ftcluster.launch.local import run_elastic
+    from ftcluster.launch.runner import run_elastic
 
     c: SlurmLauncherConfig = job.launcher
     nproc = max(1, c.gpus_per_node)
@@ -160,7 +140,7 @@ def ray_config(job: JobConfig, *, address: str, nodes: int) -> RayLauncherConfig
     c: SlurmLauncherConfig = job.launcher
     per_node = max(1, c.gpus_per_node)
     cfg = RayLauncherConfig(
-        address=address, num_workers=str(nodes * per_node), gpus_per_worker="1" if c.gpus_per_node else "0",
+        address=address, num_workers=nodes * per_node, gpus_per_worker=1 if c.gpus_per_node else 0,
         cpus_per_worker=max(1, (c.cpus_per_task or per_node) // per_node),
         placement_strategy="PACK" if c.gpus_per_node else "SPREAD", max_failures=c.ray_max_failures,
     )
@@ -205,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--wait-s", type=float, required=True)
     args = ap.parse_args(argv)
     try:
-        job = for_this_run(load_job(args.config))
+        job = for_this_run(load_saved_job(args.config))
     except ConfigError as e:
         print(f"ftcluster: config error in {args.config}: {e}", file=sys.stderr)
         return 2
