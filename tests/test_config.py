@@ -110,6 +110,7 @@ def test_auto_is_one_rank_on_cpu() -> None:
     assert hosts.local_world_size(job().launcher) == 1
 
 
+@pytest.mark.slow
 def test_cli_errors_before_any_process(tmp_path: Path) -> None:
     """Through the real CLI: unknown key, wrong type and bad value exit non-zero naming the key, and
     no run directory is created (nothing started)."""
@@ -131,6 +132,7 @@ def test_secret_names_are_redacted() -> None:
     assert out == {"logger": {"api_key": "<redacted>", "project": "p"}, "hf_token": "<redacted>", "model": {"tokenizer": "/x"}}
 
 
+@pytest.mark.slow
 def test_cli_help_lists_groups_and_subcommands(tmp_path: Path) -> None:
     p = run_cli("--help", cwd=tmp_path)
     assert p.returncode == 0 and "train" in p.stdout and "export" in p.stdout

@@ -41,6 +41,7 @@ def zero3_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cwd / "X"
 
 
+@pytest.mark.slow
 def test_zero3_lora_kill9_resume_identical_then_continue_on_one_rank(zero3_reference: Path, tmp_path: Path) -> None:
     ref = losses(zero3_reference)
     assert sorted(ref) == list(range(1, 13)) and all(math.isfinite(v) for v in ref.values())
@@ -91,6 +92,7 @@ def test_zero3_lora_kill9_resume_identical_then_continue_on_one_rank(zero3_refer
     assert (run / "checkpoints/step_12/engine/universal/ds").is_dir()
 
 
+@pytest.mark.slow
 def test_step1_parity_with_fsdp2_lora_zero2_and_zero3(zero3_reference: Path, tmp_path: Path) -> None:
     """Same seed => same initial weights and step-1 loss (1e-4 relative) on FSDP2, ZeRO-2 and ZeRO-3."""
     base = [a for a in ZERO3_LORA if not a.startswith(("parallel=", "train.max_steps", "checkpoint."))]
@@ -108,6 +110,7 @@ def test_step1_parity_with_fsdp2_lora_zero2_and_zero3(zero3_reference: Path, tmp
     assert z2[2]["loss"] == pytest.approx(z3[2]["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_full_finetune_zero2_and_zero3_offload_match_fsdp2_with_accumulation(tmp_path: Path) -> None:
     """grad_accum=2: the loop's token weighting spans micro-batches, so DeepSpeed must not divide by
     the accumulation steps again; the step-1 gradient norm and the step-2 loss show it."""
@@ -129,6 +132,7 @@ def test_full_finetune_zero2_and_zero3_offload_match_fsdp2_with_accumulation(tmp
     assert "ZeRO-3: parameters gathered per submodule" in (runs["zero3_offload"] / "logs/rank0.log").read_text()
 
 
+@pytest.mark.slow
 def test_bad_override_fails_before_start_naming_the_key(tmp_path: Path) -> None:
     run = tmp_path / "X"
     p = run_cli("train", "launcher.nproc_per_node=2", "parallel=zero3",

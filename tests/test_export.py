@@ -13,6 +13,8 @@ import torch
 
 from conftest import REPO, cli_env, explain, run_cli
 
+pytestmark = pytest.mark.slow  # end to end: the real CLI / multi-rank process groups
+
 TINY = REPO / "ftcluster/assets/tiny-llama"
 FP32 = ["train.dtype=fp32", "train.max_steps=2", "checkpoint.every_steps=2", "optim.lr=1e-2", "optim.warmup_steps=0"]
 RANDOM_TINY = ["model.path=null", "model.init=random", "model.vocab_size=512", "model.hidden_size=64",

@@ -316,6 +316,7 @@ print(json.dumps({"same": plain == patched, "classes": classes}))
 
 # --- the real CLI ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_longlora_trains_and_commits(tmp_path: Path) -> None:
     run = tmp_path / "ll"
     p = run_cli("train", "peft=longlora", "data.max_seq_len=256", "train.max_steps=4", f"run.dir={run}", cwd=tmp_path)

@@ -66,6 +66,7 @@ def qruns(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"ref": ref, "killed": killed, "cwd": cwd}
 
 
+@pytest.mark.slow
 def test_qlora_trains_with_adapter_only_checkpoints(qruns: dict[str, Path]) -> None:
     run = qruns["ref"]
     got = losses(run)
@@ -84,6 +85,7 @@ def test_qlora_trains_with_adapter_only_checkpoints(qruns: dict[str, Path]) -> N
     assert meta["model"]["adapter_only"] is True and meta["model"]["init_device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_qlora_kill_9_and_resume_is_bit_identical(qruns: dict[str, Path]) -> None:
     run = qruns["killed"]
     assert committed_steps(run) == [2, 4]

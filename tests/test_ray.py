@@ -106,6 +106,7 @@ def test_forwarded_env_skips_secrets() -> None:
     assert forwarded_env(env) == {"HF_HOME": "/h", "WANDB_MODE": "offline", "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_config_errors_name_the_key(workdir: Path) -> None:
     p = run_cli("train", "launcher=ray", "launcher.gpus_per_worker=2", cwd=workdir)
     assert p.returncode == 2 and "launcher.gpus_per_worker" in p.stderr, explain(p)
@@ -206,6 +207,7 @@ def reference(ray_env: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return cwd / "X", p
 
 
+@pytest.mark.slow
 def test_two_workers_commit_step_10(reference: tuple[Path, subprocess.CompletedProcess]) -> None:
     run, p = reference
     assert committed_steps(run) == [8, 10]
@@ -228,6 +230,7 @@ def test_two_workers_commit_step_10(reference: tuple[Path, subprocess.CompletedP
     assert f"checkpoints {run / 'checkpoints'}" in out and "(newest: step_10)" in out
 
 
+@pytest.mark.slow
 def test_injected_failure_recovers_with_identical_losses(reference: tuple[Path, subprocess.CompletedProcess],
                                                          ray_env: dict, tmp_path: Path) -> None:
     run = tmp_path / "X"
@@ -254,6 +257,7 @@ def failed_run(ray_env: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return run, p, cwd
 
 
+@pytest.mark.slow
 def test_no_retries_exits_nonzero_naming_the_worker(failed_run: tuple[Path, subprocess.CompletedProcess, Path]) -> None:
     run, p, _ = failed_run
     assert p.returncode == 1, explain(p)
@@ -263,6 +267,7 @@ def test_no_retries_exits_nonzero_naming_the_worker(failed_run: tuple[Path, subp
     assert "Traceback" in (run / "logs/rank1.error").read_text()
 
 
+@pytest.mark.slow
 def test_restarted_driver_continues_the_run(failed_run: tuple[Path, subprocess.CompletedProcess, Path],
                                             reference: tuple[Path, subprocess.CompletedProcess], ray_env: dict) -> None:
     run, first, cwd = failed_run
@@ -276,6 +281,7 @@ def test_restarted_driver_continues_the_run(failed_run: tuple[Path, subprocess.C
     assert committed_steps(run) == [8, 10]
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_is_replaced_and_the_run_recovers(reference: tuple[Path, subprocess.CompletedProcess],
                                                            ray_env: dict, tmp_path: Path) -> None:
     """A worker process dies without a Python exception (kill -9, as the OOM killer does): Ray

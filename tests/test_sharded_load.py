@@ -14,6 +14,8 @@ import torch
 
 from conftest import REPO, cli_env
 
+pytestmark = pytest.mark.slow  # end to end: the real CLI / multi-rank process groups
+
 TINY = REPO / "ftcluster/assets/tiny-llama"
 WORKER = REPO / "tests/sharded_load_worker.py"
 

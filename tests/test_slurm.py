@@ -192,6 +192,7 @@ def test_script_exit_status(mode: str, restart: int, expect_rc: int, tmp_path: P
         assert "training failed (exit 3)" in out
 
 
+@pytest.mark.slow
 def test_dry_run_renders_without_submitting(tmp_path: Path) -> None:
     run = tmp_path / "X"
     p = run_cli("train", *CPU_JOB, "launcher.dry_run=true", f"run.dir={run}", cwd=tmp_path)
@@ -201,6 +202,7 @@ def test_dry_run_renders_without_submitting(tmp_path: Path) -> None:
     assert not list((run / "slurm").glob("submit-*"))
 
 
+@pytest.mark.slow
 def test_the_job_runs_the_saved_config_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside the allocation the saved resolved config loads back to the JobConfig the driver validated."""
     from ftcluster.compose import load_saved_job
@@ -218,6 +220,7 @@ def test_the_job_runs_the_saved_config_unchanged(tmp_path: Path, monkeypatch: py
     assert for_this_run(job).resume == "auto"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,key", [("launcher.mode=mpi", "launcher.mode"),
                                           ("launcher.time=5", "launcher.signal_grace_s"),
                                           ("+launcher.env.HF_TOKEN=x", "launcher.env.HF_TOKEN"),
@@ -246,6 +249,7 @@ def _pids_holding(path: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_usr1_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
     run, saved = tmp_path / "X", tmp_path / "saved"
     env = cli_env(FTCLUSTER_PREEMPT_SAVED=str(saved))
@@ -381,6 +385,7 @@ def jobs(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Jobs:
     return j
 
 
+@pytest.mark.slow
 def test_job_trains_to_a_committed_checkpoint(jobs: Jobs) -> None:
     """The issue's command: prints a job id and ends with a committed step-8 checkpoint."""
     run, job_id = jobs.runs["done"], jobs.ids["done"]
@@ -395,6 +400,7 @@ def test_job_trains_to_a_committed_checkpoint(jobs: Jobs) -> None:
     assert "training finished" in out.read_text() and (run / "logs/rank0.log").is_file()
 
 
+@pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes(jobs: Jobs) -> None:
     run, job_id = jobs.runs["usr1"], jobs.ids["usr1"]
     state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
@@ -424,6 +430,7 @@ def test_usr1_checkpoints_requeues_and_resumes(jobs: Jobs) -> None:
     assert not (run / "slurm/submit-2").exists()
 
 
+@pytest.mark.slow
 def test_scancel_saves_a_checkpoint_before_the_job_ends(jobs: Jobs) -> None:
     run, job_id = jobs.runs["term"], jobs.ids["term"]
     state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
@@ -440,6 +447,7 @@ def test_scancel_saves_a_checkpoint_before_the_job_ends(jobs: Jobs) -> None:
     assert "training failed" not in out and not list((run / "logs").glob("rank*.error")), out[-4000:]
 
 
+@pytest.mark.slow
 def test_failing_job_exits_nonzero_with_its_error_in_the_run_dir(jobs: Jobs) -> None:
     run, job_id = jobs.runs["fail"], jobs.ids["fail"]
     state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
@@ -451,6 +459,7 @@ def test_failing_job_exits_nonzero_with_its_error_in_the_run_dir(jobs: Jobs) -> 
     assert committed_steps(run) == []
 
 
+@pytest.mark.slow
 def test_multirun_submits_one_job_per_point(jobs: Jobs) -> None:
     out = jobs.out["sweep"]
     ids = _job_ids(out)
