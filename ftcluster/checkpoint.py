@@ -99,7 +99,10 @@ class CheckpointManager:
         return c[-1] if c else None
 
     def resolve(self, resume: str) -> Path | None:
-        """Checkpoint to resume from for the `resume` setting (auto | never | path)."""
+        """Checkpoint to resume from for the `resume` setting (auto | never | path). Collective."""
+        if self.d.is_main:
+            self._recover_swap()
+        barrier()
         if resume == "never":
             return None
         if resume == "auto":
@@ -122,6 +125,7 @@ class CheckpointManager:
         tmp = self.dir / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
         if self.d.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            self._recover_swap()
             if tmp.exists():
                 shutil.rmtree(tmp)  # a crash's leftover of the same step
             tmp.mkdir()
@@ -148,6 +152,18 @@ class CheckpointManager:
             self._prune()
         barrier()
         return time.perf_counter() - t0
+
+    def _recover_swap(self) -> None:
+        """Re-saving a committed step swaps it in two renames (old -> `.tmp-old-step_N`, new ->
+        `step_N`). A crash between them leaves the old one only under its temporary name: put it
+        back before anything treats `.tmp-` directories as leftovers."""
+        if not self.dir.is_dir():
+            return
+        prefix = f"{TMP_PREFIX}old-{STEP_PREFIX}"
+        for p in self.dir.iterdir():
+            final = self.dir / p.name[len(TMP_PREFIX) + len("old-"):]
+            if p.name.startswith(prefix) and (p / "meta.json").is_file() and not final.exists():
+                os.rename(p, final)
 
     def _prune(self) -> None:
         committed = self.committed()

@@ -291,12 +291,10 @@ def test_liger_option_fails_clearly_or_keeps_parameter_names() -> None:
     code = r"""
 import json, sys
 import torch
-from ftcluster.config import ModelConfig
-from ftcluster.model import build_hf_config, build_meta_model
+from ftcluster.compose import compose_job
+from ftcluster.model import build_module
 def shapes(liger):
-    m = ModelConfig(init="random", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                    num_heads=4, num_kv_heads=2, liger=liger)
-    hf = build_meta_model(m, build_hf_config(m))
+    hf = build_module(compose_job(f"model.liger={str(liger).lower()}")).hf_model
     return {n: list(p.shape) for n, p in hf.named_parameters()}, sorted({type(x).__name__ for x in hf.modules()})
 plain, _ = shapes(False)
 try:

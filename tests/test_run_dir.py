@@ -12,7 +12,8 @@ import yaml
 
 from ftcluster import driver
 from ftcluster.checkpoint import CheckpointManager
-from ftcluster.config import ConfigError, conf_dir, register_configs
+from ftcluster.compose import conf_dir, register_configs, to_job
+from ftcluster.config import ConfigError
 from ftcluster.distributed import Dist
 
 SECRET = "s3cr3t-comet-key-value"
@@ -28,7 +29,7 @@ def compose(*overrides: str):  # type: ignore[no-untyped-def]
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = hydra_compose("config", overrides=list(overrides))
-    return driver.to_job(cfg), cfg
+    return to_job(cfg), cfg
 
 
 def commit_a_checkpoint(run_dir: Path) -> None:

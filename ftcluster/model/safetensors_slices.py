@@ -17,7 +17,7 @@ class SafetensorsSlices:
     """Reads slices of tensors from a Hugging Face safetensors checkpoint (single file or sharded
     with model.safetensors.index.json) without loading whole tensors or files.
 
-    A block of whole leading-dimension rows (what an FSDP2 Shard(0) shard or a full tensor needs)
+    A block of whole leading-dimension rows (what a dim-0 shard or a full tensor needs)
     is read with plain positioned reads of exactly its bytes into a fresh tensor: no file mapping,
     so the pages read never count towards this process's resident memory (a memory-mapped read
     keeps every touched page resident and mapped: a rank would end up holding its shards twice).
