@@ -205,7 +205,7 @@ def test_random_init_adapter_export_writes_its_base(runs: dict[str, Path], tmp_p
     from ftcluster.export import export
 
     engine_keys = json.loads((runs["random"] / "meta.json").read_text())
-    assert engine_keys["adapter_only"] is False
+    assert engine_keys["model"]["adapter_only"] is False
     want = trained_logits(runs["random"])
     assert moved(runs["random"], want) > 1e-3
     out = tmp_path / "adapter"
