@@ -863,7 +863,9 @@ class JobConfig:
     def _validate_eval(self) -> None:
         if self.data.has_eval:
             return
-        uses = [("eval.every_steps", self.eval.every_steps > 0), ("checkpoint.keep_best", self.checkpoint.keep_best),
+        # (eval.every_steps alone is allowed: data options may set a cadence for their own eval data;
+        # the run logs that there is nothing to evaluate.)
+        uses = [("checkpoint.keep_best", self.checkpoint.keep_best),
                 ("eval.early_stopping.patience", self.eval.early_stopping.patience > 0)]
         for key, used in uses:
             _require(not used, key, "needs held-out data: set data.eval_path, data.eval_fraction or data.eval_samples")

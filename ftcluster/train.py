@@ -123,6 +123,9 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     evaluator = None if eval_data is None else Evaluator(
         job=job, rank=d.rank, world_size=d.world_size, device=d.device, data=eval_data, tokenizer=tokenizer,
         pad_id=pad_id, run_dir=run_dir)
+    if evaluator is None and job.eval.every_steps:
+        log.warning("eval.every_steps=%d but no held-out data (data.eval_path, data.eval_fraction or data.eval_samples): "
+                    "nothing is evaluated", job.eval.every_steps)
     if evaluator is not None:
         log.info("evaluation: %d held-out samples, %d batches per rank, %d prompts", len(eval_data),
                  evaluator.batches.num_batches, len(evaluator.prompts))
