@@ -61,7 +61,8 @@ def _int_or_auto(value: Any, key: str, *, allowed: Optional[tuple[int, ...]] = N
 
 
 # Whole words of a key name: `api_key`, `hf_token`, `WANDB_API_KEY` match; `tokenizer` does not.
-_SECRET_RE = re.compile(r"(^|[_\-.])(key|token|secret|password|passwd|credentials?|auth)s?($|[_\-.])", re.IGNORECASE)
+# `tokens` (plural) is a count (`max_new_tokens`), not a credential: only the singular matches.
+_SECRET_RE = re.compile(r"(^|[_\-.])(keys?|token|secrets?|passwords?|passwd|credentials?|auth)($|[_\-.])", re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:

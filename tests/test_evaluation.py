@@ -235,7 +235,7 @@ def test_keep_best_survives_retention_and_exports(tmp_path: Path) -> None:
     """keep_last=1 with keep_best: the best checkpoint (an early eval) stays while retention deletes
     every other older one; `ftcluster export RUN --best` writes it and transformers loads it."""
     run = tmp_path / "X"
-    args = ["peft=lora", "optim.lr=0.05", "optim.warmup_steps=5", "train.max_steps=10", "eval.every_steps=2",
+    args = ["peft=none", "optim.lr=0.05", "optim.warmup_steps=5", "train.max_steps=10", "eval.every_steps=2",
             "eval.at_start=false", "eval.max_batches=3", "eval.num_prompts=0", "checkpoint.every_steps=2",
             "checkpoint.keep_last=1", "checkpoint.keep_best=true"]
     train_ok(*args, run=run, cwd=tmp_path)
@@ -245,7 +245,7 @@ def test_keep_best_survives_retention_and_exports(tmp_path: Path) -> None:
     assert committed_steps(run) == sorted({best_step, 10})
     assert json.loads((run / "best.json").read_text())["step"] == best_step
     out = tmp_path / "best"
-    p = run_cli("export", str(run), str(out), "--best", "--merge", "--dtype", "fp32", cwd=tmp_path)
+    p = run_cli("export", str(run), str(out), "--best", "--dtype", "fp32", cwd=tmp_path)
     assert p.returncode == 0 and f"step {best_step}" in p.stdout, explain(p)
     from transformers import AutoModelForCausalLM
 
