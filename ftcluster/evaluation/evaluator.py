@@ -74,11 +74,16 @@ class Evaluator:
         """Collective: the eval record of `step` (loss, perplexity, throughput, task metrics)."""
         record: dict[str, Any] = {"step": step, **eval_loss(engine, objective, self.batches, device=self.device)}
         if self.prompts:
+            import time
+
             from ftcluster.evaluation.generate import generate_samples, write_samples
 
+            t0 = time.perf_counter()
             samples = generate_samples(engine, tokenizer=self.tokenizer, prompts=self.prompts, data_cfg=self.job.data,
                                        max_new_tokens=self.cfg.max_new_tokens, device=self.device)
             self.last_samples = samples
+            record["eval_generate_seconds"] = round(time.perf_counter() - t0, 3)
+            record["eval_generated"] = len(samples)
             if self.rank == 0:
                 write_samples(self.run_dir, step=step, samples=samples)
             if self.cfg.task_metrics:
