@@ -177,6 +177,10 @@ class Trainer:
         t0 = time.perf_counter()
         record = self.evaluator.run(engine=self.engine, objective=self.objective, step=step)
         self.metrics.eval(record)
+        if self.evaluator.last_samples and record.get("eval_generated"):
+            self.metrics.table("samples", columns=["step", "prompt", "completion", "reference"],
+                               rows=[[step, s["prompt"], s["completion"], s.get("reference")]
+                                     for s in self.evaluator.last_samples], step=step)
         metric = self.job.eval.metric
         if metric not in record:
             raise KeyError(f"eval.metric: {metric!r} is not in the eval record ({', '.join(sorted(record))}); "
