@@ -149,6 +149,14 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k.startswith("eval_")}, step=record["step"])
 
+    def table(self, name: str, *, columns: list[str], rows: list[list], step: int) -> None:
+        """A W&B table (generation samples), when a W&B run is active; a no-op otherwise."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        import wandb
+
+        self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def event(self, name: str, **fields: Any) -> None:
         if not self.enabled:
             return
