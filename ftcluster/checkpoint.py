@@ -115,10 +115,12 @@ class CheckpointManager:
     # --- save ---------------------------------------------------------------------------------
 
     def save(self, *, step: int, engine, state: Mapping[str, Stateful], rank_state: Mapping[str, Stateful],  # type: ignore[no-untyped-def]
-             config_yaml: str, before_commit: Callable[[], None] | None = None) -> float:
+             config_yaml: str, before_commit: Callable[[], None] | None = None,
+             best: dict[str, Any] | None = None) -> float:
         """Write and commit checkpoint `step`: the engine's shards, each of `state` (global: the
         same on every rank, written once by rank 0 into meta.json) and each of `rank_state` (this
         rank's, into rank_<r>.pt). Collective: every rank calls it. Returns seconds.
+        `best` (checkpoint.keep_best: {"metric", "value"}) makes this checkpoint the best one.
         `before_commit` runs on rank 0 between the last write and the commit (a test hook)."""
         t0 = time.perf_counter()
         final = self.dir / f"{STEP_PREFIX}{step}"
@@ -149,6 +151,10 @@ class CheckpointManager:
             else:
                 os.rename(tmp, final)
             _fsync_dir(self.dir)
+            if best is not None:
+                # After the commit, before retention: a crash in between leaves best.json naming
+                # the previous best, which retention has not touched yet.
+                _write_json_atomic(self.dir.parent / BEST_FILE, {"step": step, "checkpoint": str(final), **best})
             self._prune()
         barrier()
         return time.perf_counter() - t0
@@ -165,8 +171,13 @@ class CheckpointManager:
             if p.name.startswith(prefix) and (p / "meta.json").is_file() and not final.exists():
                 os.rename(p, final)
 
+    def best(self) -> Path | None:
+        """The best checkpoint (checkpoint.keep_best), if best.json names a committed one."""
+        return best_checkpoint(self.dir.parent)
+
     def _prune(self) -> None:
-        committed = self.committed()
+        best = self.best()
+        committed = [p for p in self.committed() if p != best]  # the best one is never retention's
         for p in committed[: max(0, len(committed) - self.keep_last)]:
             # Out of the committed namespace first (one atomic rename), then delete: a crash or a
             # failing delete leaves a `.tmp-` leftover, never a half-deleted "committed" checkpoint.
@@ -196,6 +207,27 @@ class CheckpointManager:
             for key, obj in rank_state.items():
                 obj.load_state_dict(saved[key])
         return Loaded(path=path, step=int(meta["step"]), world_size=int(meta["world_size"]), rank_state_restored=restored)
+
+
+BEST_FILE = "best.json"
+"""<run.dir>/best.json: {"step", "checkpoint", "metric", "value"} of the best checkpoint."""
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint best.json names, when it is committed (no process group needed)."""
+    f = Path(run_dir) / BEST_FILE
+    if not f.is_file():
+        return None
+    p = Path(json.loads(f.read_text())["checkpoint"])
+    p = p if p.is_absolute() else Path(run_dir) / p
+    return p if is_committed(p) else None
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    _write_synced(tmp, json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ commands:
   train     fine-tune a model: ftcluster train [group=option ...] [key=value ...]
             (ftcluster train --help lists the config groups and every key)
   export    write a checkpoint as a Hugging Face PEFT adapter or (--merge) a merged model:
-            ftcluster export <checkpoint dir> <out dir> [--merge] [--dtype bf16] [--max-shard-size 5GB]
+            ftcluster export <checkpoint or run dir> <out dir> [--best] [--merge] [--dtype bf16] [--max-shard-size 5GB]
 
 Run `ftcluster train` with no arguments to fine-tune the embedded tiny model on the sample data.
 """

@@ -143,6 +143,16 @@ def check_job_paths(job: JobConfig) -> None:
         if not (p.is_dir() and (p / "meta.json").is_file()):
             raise ConfigError(f"resume: must be auto, never, or a committed checkpoint directory; {job.resume!r} "
                               "is none of these")
+    if job.eval.prompts_path is not None:
+        if not Path(job.eval.prompts_path).is_file():
+            raise ConfigError(f"eval.prompts_path: no such file: {job.eval.prompts_path}")
+        from ftcluster.data.errors import DataError
+        from ftcluster.evaluation.prompts import check_prompts_file
+
+        try:
+            check_prompts_file(job.eval.prompts_path)
+        except DataError as e:
+            raise ConfigError(f"eval.prompts_path: {e}") from None
 
 
 def check_model_paths(m: ModelConfig) -> None:

@@ -61,7 +61,8 @@ def _int_or_auto(value: Any, key: str, *, allowed: Optional[tuple[int, ...]] = N
 
 
 # Whole words of a key name: `api_key`, `hf_token`, `WANDB_API_KEY` match; `tokenizer` does not.
-_SECRET_RE = re.compile(r"(^|[_\-.])(key|token|secret|password|passwd|credentials?|auth)s?($|[_\-.])", re.IGNORECASE)
+# `tokens` (plural) is a count (`max_new_tokens`), not a credential: only the singular matches.
+_SECRET_RE = re.compile(r"(^|[_\-.])(keys?|token|secrets?|passwords?|passwd|credentials?|auth)($|[_\-.])", re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:
@@ -244,9 +245,27 @@ class DataConfig:
     """Number of random samples for `format=synthetic` (each exactly max_seq_len tokens)."""
     num_proc: int = 1
     """Worker processes for tokenisation (datasets.map)."""
+    eval_path: Optional[str] = None
+    """Held-out data for evaluation, in the same format, fields and loaders as `path` (file, list,
+    glob, folder or saved dataset). Exclusive with eval_fraction / eval_samples."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction (0 < f < 1) of the training samples for evaluation: a deterministic
+    split by `seed`, the same whatever the world size, disjoint from the samples trained on."""
+    eval_samples: int = 0
+    """Hold out this many training samples for evaluation (instead of a fraction)."""
+
+    @property
+    def has_eval(self) -> bool:
+        """Whether held-out data is configured."""
+        return self.eval_path is not None or self.eval_fraction > 0 or self.eval_samples > 0
 
     def validate(self) -> None:
         _one_of(self.format, "data.format", DATA_FORMATS)
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1); got {self.eval_fraction}")
+        _require(self.eval_samples >= 0, "data.eval_samples", f"must be >= 0; got {self.eval_samples}")
+        _require(sum([self.eval_path is not None, self.eval_fraction > 0, self.eval_samples > 0]) <= 1,
+                 "data.eval_path", "set one of data.eval_path, data.eval_fraction, data.eval_samples")
+        _require(self.eval_path is None or bool(self.eval_path), "data.eval_path", "must not be empty")
         _one_of(self.overlength, "data.overlength", OVERLENGTH_POLICIES)
         _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2; got {self.max_seq_len}")
         _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1; got {self.num_proc}")
@@ -659,10 +678,84 @@ class CheckpointConfig:
     loop state, not the frozen base: resume rebuilds the base from model.path or the seed, as at
     the start. A full fine-tune (peft=none) has no frozen parameters, so this changes nothing there.
     False also saves the frozen base (in its training dtype; NF4 bytes for QLoRA)."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the best `eval.metric`, whatever `keep_last` deletes: every
+    evaluation that improves on the best so far saves a checkpoint at that step (if one is not due
+    anyway), recorded in `<run.dir>/best.json`; `ftcluster export RUN_DIR --best` exports it."""
 
     def validate(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0; got {self.every_steps}")
         _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1; got {self.keep_last}")
+
+
+EVAL_MODES = ("auto", "min", "max")
+
+
+@dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    patience: int = 0
+    """Stop after this many evaluations in a row without an improvement of `eval.metric` by at
+    least `min_delta` (0 = never stop early). The run ends with a committed checkpoint, an
+    `early_stop` event and exit code 0; a resumed run keeps the best value and the count."""
+    min_delta: float = 0.0
+    """The smallest change of `eval.metric` that counts as an improvement (in the metric's units)."""
+
+    def validate(self) -> None:
+        _require(self.patience >= 0, "eval.early_stopping.patience", f"must be >= 0; got {self.patience}")
+        _require(self.min_delta >= 0, "eval.early_stopping.min_delta", f"must be >= 0; got {self.min_delta}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation (needs data.eval_path, data.eval_fraction or data.eval_samples)."""
+    every_steps: int = 0
+    """Evaluate every N optimizer steps, and always at the end of training (0 = only at the end)."""
+    at_start: bool = True
+    """Also evaluate before the first step (the base model's metrics); skipped on resume."""
+    max_batches: Optional[int] = None
+    """Evaluation micro-batches per rank at most; unset: the whole eval set."""
+    micro_batch_size: Optional[int] = None
+    """Samples per rank per evaluation forward; unset: train.micro_batch_size."""
+    metric: str = "eval_loss"
+    """The metric that decides the best checkpoint and early stopping (a key of the eval record:
+    eval_loss, eval_ppl, eval_exact_match, eval_rougeL)."""
+    mode: str = "auto"
+    """Whether lower (`min`) or higher (`max`) `metric` is better; `auto`: min for loss and
+    perplexity, max otherwise."""
+    prompts: List[str] = field(default_factory=list)
+    """Prompts to generate from at each evaluation (user turns, rendered with the chat template
+    when the data is chat). Empty: the first `num_prompts` eval samples' prompts, with their
+    answers as references."""
+    prompts_path: Optional[str] = None
+    """A JSONL file of prompts instead: one object per line, `{"messages": [...]}` (chat turns up to
+    the answer) or `{"prompt": "..."}`, optionally with `"reference": "..."`."""
+    num_prompts: int = 2
+    """With no prompts given: how many eval samples to take prompts from (0 = no generation)."""
+    max_new_tokens: int = 64
+    """Greedy decoding length of each sample, in tokens."""
+    task_metrics: bool = False
+    """Score the generated samples against their references: `eval_exact_match` and `eval_rougeL`
+    (ROUGE-L F1 from the rouge-score package: pip install 'ftcluster[eval]')."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Stop when `metric` stops improving."""
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "max"
+        return not any(k in self.metric for k in ("loss", "ppl"))
+
+    def validate(self) -> None:
+        _require(self.every_steps >= 0, "eval.every_steps", f"must be >= 0; got {self.every_steps}")
+        _require(self.max_batches is None or self.max_batches >= 1, "eval.max_batches", f"must be >= 1; got {self.max_batches}")
+        _require(self.micro_batch_size is None or self.micro_batch_size >= 1, "eval.micro_batch_size",
+                 f"must be >= 1; got {self.micro_batch_size}")
+        _require(self.metric.startswith("eval_"), "eval.metric", f"must name an eval record key (eval_loss, ...); got {self.metric!r}")
+        _one_of(self.mode, "eval.mode", EVAL_MODES)
+        _require(self.num_prompts >= 0, "eval.num_prompts", f"must be >= 0; got {self.num_prompts}")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1; got {self.max_new_tokens}")
+        _require(not (self.prompts and self.prompts_path), "eval.prompts_path", "set eval.prompts or eval.prompts_path, not both")
+        self.early_stopping.validate()
 
 
 LOGGER_KINDS = ("none", "wandb")
@@ -742,6 +835,8 @@ class JobConfig:
     """AdamW and the learning-rate schedule."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and retention."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation, generation samples, early stopping."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Metrics logging (`logger=none|wandb`)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -750,8 +845,9 @@ class JobConfig:
     def validate(self) -> "JobConfig":
         """Check every group, then the cross-field rules. Raises ConfigError naming the key."""
         for group in (self.run, self.model, self.data, self.peft, self.parallel, self.launcher,
-                      self.train, self.optim, self.checkpoint, self.logger, self.debug):
+                      self.train, self.optim, self.checkpoint, self.eval, self.logger, self.debug):
             group.validate()
+        self._validate_eval()
         _require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")
         _require(bool(self.resume), "resume", "must be auto, never, or a committed checkpoint directory")
         if self.data.format != "synthetic":
@@ -764,6 +860,16 @@ class JobConfig:
                      "false (save the frozen base too) is supported by parallel=fsdp2 only; DeepSpeed checkpoints "
                      "never hold frozen weights (they are rebuilt from model.path or the seed)")
         return self
+
+    def _validate_eval(self) -> None:
+        if self.data.has_eval:
+            return
+        # (eval.every_steps alone is allowed: data options may set a cadence for their own eval data;
+        # the run logs that there is nothing to evaluate.)
+        uses = [("checkpoint.keep_best", self.checkpoint.keep_best),
+                ("eval.early_stopping.patience", self.eval.early_stopping.patience > 0)]
+        for key, used in uses:
+            _require(not used, key, "needs held-out data: set data.eval_path, data.eval_fraction or data.eval_samples")
 
     def _validate_restarts(self) -> None:
         # Ray Train restarts a failed worker group inside the same launch (launcher=ray, or Slurm's

@@ -474,7 +474,19 @@ def export_command(argv: list[str]) -> int:
                    help="let the base model directory's own Python code run (off by default, whatever the run "
                         "used). Note: DeepSpeed checkpoints are read with DeepSpeed's own loader, which unpickles "
                         "its files: export only DeepSpeed checkpoints you trust")
+    p.add_argument("--best", action="store_true",
+                   help="CHECKPOINT is a run directory: export its best checkpoint (checkpoint.keep_best, "
+                        "recorded in best.json) instead of the newest")
     args = p.parse_args(argv)
+    if args.best:
+        from ftcluster.checkpoint import BEST_FILE, best_checkpoint
+
+        best = best_checkpoint(args.checkpoint)
+        if best is None:
+            print(f"ftcluster export: --best: {args.checkpoint / BEST_FILE} names no committed checkpoint (was the run "
+                  "trained with checkpoint.keep_best=true and held-out data?)", file=sys.stderr)
+            return 2
+        args.checkpoint = best
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -132,6 +132,31 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
+    def eval(self, record: dict[str, Any]) -> None:
+        """An evaluation: its own record kind in metrics.jsonl (`"event": "eval"`), one console line
+        (not a second progress bar), and the eval_* metrics in W&B at the record's step."""
+        if not self.enabled:
+            return
+        self._write({"event": "eval", **record, "time": time.time()})
+        extra = "".join(f" {k.removeprefix('eval_')} {record[k]:.4f}" for k in ("eval_exact_match", "eval_rougeL")
+                        if k in record)
+        line = (f"eval step {record['step']}: loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}{extra} "
+                f"({record['eval_samples']} samples, {record['eval_tokens_per_s']:,.0f} tok/s)")
+        if self._progress is not None and self.console.is_terminal:
+            self._progress.console.print(line)
+        else:
+            print(line, flush=True)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k.startswith("eval_")}, step=record["step"])
+
+    def table(self, name: str, *, columns: list[str], rows: list[list], step: int) -> None:
+        """A W&B table (generation samples), when a W&B run is active; a no-op otherwise."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        import wandb
+
+        self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def event(self, name: str, **fields: Any) -> None:
         if not self.enabled:
             return

@@ -47,6 +47,8 @@ class StopReason(enum.IntEnum):
     """SIGUSR1 or the request file: checkpointed, a clean stop; resume=auto continues."""
     TERMINATED = TERMINATE
     """SIGTERM: checkpointed (best effort), exit as if killed by SIGTERM."""
+    EARLY_STOPPED = 3
+    """eval.early_stopping: the metric stopped improving; checkpointed, a successful run (exit 0)."""
 
 
 def exit_code(reason: StopReason) -> int:

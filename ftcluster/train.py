@@ -19,6 +19,7 @@ import torch
 from ftcluster.checkpoint import CheckpointManager, Loaded, RNGState
 from ftcluster.config import JobConfig
 from ftcluster.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
+from ftcluster.evaluation.evaluator import EvalTracker, Evaluator
 from ftcluster.faults import Faults
 from ftcluster.longlora import attended_span
 from ftcluster.metrics import FlopsModel, MetricsLogger, ThroughputWindow, gather_host_rss, host_rss_gib, start_wandb
@@ -85,7 +86,7 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     t = job.train
     log.info("rank %d/%d on %s; global batch %d = %d x %d x %d", d.rank, d.world_size, d.device,
              t.micro_batch_size * t.grad_accum * d.world_size, t.micro_batch_size, t.grad_accum, d.world_size)
-    data, pad_id = _build_data(job, d)  # first: bad data must fail before anything expensive
+    data, eval_data, tokenizer, pad_id = _build_data(job, d, run_dir)  # first: bad data fails before anything expensive
     objective = build_objective(job)
     built = build_module(job, objective=objective)
     facts = ModelFacts(adapter_only=job.checkpoint.adapter_only)
@@ -101,7 +102,8 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
                                  seed=job.seed, shuffle=job.data.shuffle, pad_id=pad_id, max_seq_len=job.data.max_seq_len)
     progress = TrainProgress(tokens=torch.zeros((), dtype=torch.float64, device=d.device))
     logger_run = LoggerRun()
-    state = {"progress": progress, "data": batches, "logger": logger_run, "model": facts}
+    tracker = EvalTracker(cfg=job.eval)
+    state = {"progress": progress, "data": batches, "logger": logger_run, "model": facts, "eval": tracker}
     ckpt = CheckpointManager(run_dir, cfg=job.checkpoint, dist_info=d)
     loaded = _resume(job, d, ckpt, engine, state)
 
@@ -118,31 +120,43 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
         metrics.event("start", step=0, world_size=d.world_size, params=c.total, trainable=c.trainable,
                       samples=len(data), dropped=data.stats.dropped_overlength + data.stats.dropped_no_supervision,
                       **host)
+    evaluator = None if eval_data is None else Evaluator(
+        job=job, rank=d.rank, world_size=d.world_size, device=d.device, data=eval_data, tokenizer=tokenizer,
+        pad_id=pad_id, run_dir=run_dir)
+    if evaluator is None and job.eval.every_steps:
+        log.warning("eval.every_steps=%d but no held-out data (data.eval_path, data.eval_fraction or data.eval_samples): "
+                    "nothing is evaluated", job.eval.every_steps)
+    if evaluator is not None:
+        log.info("evaluation: %d held-out samples, %d batches per rank, %d prompts", len(eval_data),
+                 evaluator.batches.num_batches, len(evaluator.prompts))
     throughput = ThroughputWindow(flops=_flops_model(built), world_size=d.world_size, on_gpu=d.device_type == "cuda")
     return Trainer(job=job, dist=d, engine=engine, batches=batches, objective=objective, ckpt=ckpt, metrics=metrics,
                    throughput=throughput, progress=progress, stops=stops, faults=Faults(job.debug, rank=d.rank, run_dir=run_dir),
                    saved_state=state, config_yaml=resolved_config_yaml(job), rss_before_load=rss_before_load,
-                   on_log=on_log)
+                   on_log=on_log, evaluator=evaluator, tracker=tracker)
 
 
-def _build_data(job: JobConfig, d: Dist):  # type: ignore[no-untyped-def]
-    """Tokenised training data (local rank 0 of each host first, filling the datasets cache that
-    the others then read) and the pad id; checks it is enough for one global batch."""
-    from ftcluster.data import build_dataset, check_enough_samples
+def _build_data(job: JobConfig, d: Dist, run_dir: Path):  # type: ignore[no-untyped-def]
+    """Tokenised training and held-out data (local rank 0 of each host first, filling the datasets
+    cache that the others then read), the tokenizer and the pad id; checks the training data is
+    enough for one global batch."""
+    from ftcluster.data import check_enough_samples
+    from ftcluster.data.holdout import build_train_and_eval
     from ftcluster.model import build_hf_config
 
     vocab_size = build_hf_config(job.model).vocab_size
     tokenizer = _load_tokenizer(job) if job.data.format != "synthetic" else None
     if d.local_rank != 0:
         barrier()
-    data = build_dataset(job.data, tokenizer=tokenizer, seed=job.seed, vocab_size=vocab_size)
+    data, eval_data = build_train_and_eval(job.data, tokenizer=tokenizer, seed=job.seed, vocab_size=vocab_size,
+                                           run_dir=run_dir, is_main=d.is_main)
     if d.local_rank == 0:
         barrier()
     check_enough_samples(data, micro_batch_size=job.train.micro_batch_size, grad_accum=job.train.grad_accum,
                          world_size=d.world_size)
     if tokenizer is not None and len(tokenizer) > vocab_size:
         raise ValueError(f"model.tokenizer: {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
-    return data, _pad_id(tokenizer)
+    return data, eval_data, tokenizer, _pad_id(tokenizer)
 
 
 def _parallelize(job: JobConfig, d: Dist, built: BuiltModule, facts: ModelFacts) -> Engine:

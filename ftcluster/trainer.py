@@ -21,6 +21,7 @@ from ftcluster.checkpoint import CheckpointManager, RNGState
 from ftcluster.config import JobConfig
 from ftcluster.data.batch import Batch
 from ftcluster.distributed import Dist, all_reduce_sum, barrier
+from ftcluster.evaluation.evaluator import EvalTracker, Evaluator, Verdict
 from ftcluster.faults import Faults
 from ftcluster.metrics import MetricsLogger, ThroughputWindow, gather_host_rss, gpu_memory
 from ftcluster.optim import lr_at
@@ -61,6 +62,9 @@ class StepValues:
     lr: float
     bad: torch.Tensor
     """True once any step since the last check was non-finite (its update was skipped)."""
+    first_bad: torch.Tensor
+    """[step, loss, grad_norm] of the first non-finite step (float64, zeros while none): the error
+    names that step, not the log point that noticed it."""
 
 
 class Trainer:
@@ -69,15 +73,18 @@ class Trainer:
     def __init__(self, *, job: JobConfig, dist: Dist, engine: Engine, batches: Any, objective: Any,
                  ckpt: CheckpointManager, metrics: MetricsLogger, throughput: ThroughputWindow,
                  progress: TrainProgress, stops: StopRequests, faults: Faults, saved_state: dict[str, Any],
-                 config_yaml: str, rss_before_load: float, on_log: Callable[[dict], None] | None) -> None:
+                 config_yaml: str, rss_before_load: float, on_log: Callable[[dict], None] | None,
+                 evaluator: Evaluator | None = None, tracker: EvalTracker | None = None) -> None:
         self.job, self.d, self.engine, self.batches, self.objective = job, dist, engine, batches, objective
         self.ckpt, self.metrics, self.throughput, self.progress = ckpt, metrics, throughput, progress
         self.stops, self.faults, self.on_log = stops, faults, on_log
         self.saved_state = saved_state  # global Stateful objects the checkpoint holds (progress, data, ...)
         self.config_yaml = config_yaml
         self.rss_before_load = rss_before_load  # GiB, for the end record's host-memory figures
+        self.evaluator, self.tracker = evaluator, tracker  # None without held-out data
         self.values = StepValues(loss=self._zero(), grad_norm=self._zero(), lr=0.0,
-                                 bad=torch.zeros((), dtype=torch.bool, device=dist.device))
+                                 bad=torch.zeros((), dtype=torch.bool, device=dist.device),
+                                 first_bad=torch.zeros(3, dtype=torch.float64, device=dist.device))
 
     def _zero(self) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float32, device=self.d.device)
@@ -86,14 +93,20 @@ class Trainer:
 
     def fit(self) -> StopReason:
         max_steps = self.job.train.max_steps
+        if (self.progress.step == 0 and self.job.eval.at_start) or self.progress.step >= max_steps:
+            # The base model's metrics before any update; or a run resumed at its last step
+            # (nothing to train): evaluate the checkpoint as it is.
+            self.maybe_eval(self.progress.step, last=True)
         while self.progress.step < max_steps:
             step = self.progress.step + 1
             self.train_step(step)
             self.faults.after_step(step)
             last = step == max_steps
             stop = self.maybe_log(step, last=last)
-            self.maybe_eval(step, last=last)
-            saved = self.maybe_save(step, last=last)
+            verdict = self.maybe_eval(step, last=last)
+            saved = self.maybe_save(step, last=last, best=verdict.improved)
+            if verdict.early_stop and stop == StopReason.FINISHED:
+                stop = StopReason.EARLY_STOPPED
             if stop != StopReason.FINISHED:
                 if not saved and self.job.checkpoint.enabled:
                     self.save(step)  # an agreed stop request: checkpoint unless this step just did
@@ -125,7 +138,10 @@ class Trainer:
         bad = ~(torch.isfinite(global_loss) & torch.isfinite(grad_norm))  # identical on every rank
         lr = lr_at(step, cfg=job.optim, max_steps=job.train.max_steps)
         engine.step(lr=lr, skip=bad)
-        self.values = StepValues(loss=global_loss, grad_norm=grad_norm, lr=lr, bad=self.values.bad | bad)
+        v = self.values
+        first = torch.where(bad & ~v.bad, torch.stack([torch.full_like(v.first_bad[0], step), global_loss.double(),
+                                                      grad_norm.double()]), v.first_bad)
+        self.values = StepValues(loss=global_loss, grad_norm=grad_norm, lr=lr, bad=v.bad | bad, first_bad=first)
         self.progress.tokens += counts[1]
         self.progress.step = step
         self.throughput.add_step(width=max(b.width for b in micro))
@@ -145,7 +161,7 @@ class Trainer:
             [v.loss.double(), v.grad_norm.double(), v.bad.double(), self.progress.tokens.to(dev), stop_dev.double()]
         ).tolist()
         if bad:
-            self._check_finite(step, loss=loss, grad_norm=gnorm)
+            self._check_finite(step)
         record = {"step": step, "loss": loss, "lr": v.lr, "grad_norm": gnorm, **self.throughput.read(tokens),
                   "tokens_seen": self.progress.tokens_before + int(tokens), **gpu_memory(dev)}
         self.metrics.step(record)
@@ -153,30 +169,54 @@ class Trainer:
             self.on_log(dict(record))
         return StopReason(int(stop))
 
-    def maybe_eval(self, step: int, *, last: bool) -> None:
-        """Held-out evaluation point (the evaluation issue plugs in here; today nothing to do)."""
+    def maybe_eval(self, step: int, *, last: bool) -> Verdict:
+        """At eval points (every eval.every_steps, the end, and step 0): held-out loss, samples,
+        task metrics; the best value and early stopping. Collective; its time is not training's."""
+        if self.evaluator is None or not self.evaluator.due(step, last=last):
+            return Verdict()
+        t0 = time.perf_counter()
+        record = self.evaluator.run(engine=self.engine, objective=self.objective, step=step)
+        self.metrics.eval(record)
+        if self.evaluator.last_samples and record.get("eval_generated"):
+            self.metrics.table("samples", columns=["step", "prompt", "completion", "reference"],
+                               rows=[[step, s["prompt"], s["completion"], s.get("reference")]
+                                     for s in self.evaluator.last_samples], step=step)
+        metric = self.job.eval.metric
+        if metric not in record:
+            raise KeyError(f"eval.metric: {metric!r} is not in the eval record ({', '.join(sorted(record))}); "
+                           "task metrics need eval.task_metrics=true")
+        verdict = self.tracker.update(record[metric], step=step)
+        if verdict.early_stop:
+            self.metrics.event("early_stop", step=step, metric=metric, best=self.tracker.best,
+                               best_step=self.tracker.best_step)
+        self.throughput.exclude(time.perf_counter() - t0)
+        return verdict
 
-    def maybe_save(self, step: int, *, last: bool) -> bool:
-        if not self.ckpt.due(step, last=last):
+    def maybe_save(self, step: int, *, last: bool, best: bool = False) -> bool:
+        """At checkpoint points, and (checkpoint.keep_best) whenever an evaluation set a new best."""
+        best = best and self.job.checkpoint.keep_best and step > 0
+        if not (self.ckpt.due(step, last=last) or best):
             return False
         t0 = time.perf_counter()
-        self.save(step)
+        self.save(step, best=best)
         self.throughput.exclude(time.perf_counter() - t0)  # checkpoint time is not training throughput
         return True
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, *, best: bool = False) -> None:
         self._check_finite(step)
+        mark = {"metric": self.job.eval.metric, "value": self.tracker.best} if best and self.tracker else None
         secs = self.ckpt.save(step=step, engine=self.engine, state=self.saved_state, rank_state={"rng": RNGState()},
-                              config_yaml=self.config_yaml, before_commit=self.faults.before_commit(step))
+                              config_yaml=self.config_yaml, before_commit=self.faults.before_commit(step), best=mark)
         self.metrics.event("checkpoint", step=step, seconds=round(secs, 3))
         self.faults.after_save(step)
 
-    def _check_finite(self, step: int, *, loss: float | None = None, grad_norm: float | None = None) -> None:
+    def _check_finite(self, step: int) -> None:
         if not bool(self.values.bad.item()):
             return
-        detail = "" if loss is None else f" (loss={loss}, grad_norm={grad_norm})"
-        msg = (f"non-finite loss or gradient at or before step {step}{detail}: that step's update was "
-               "not applied and no checkpoint was written after it; lower optim.lr or check the data")
+        first, loss, grad_norm = self.values.first_bad.tolist()
+        msg = (f"non-finite loss or gradient at step {int(first)} (loss={loss}, grad_norm={grad_norm}; noticed "
+               f"after step {step}): that step's update was not applied and no checkpoint was written after "
+               "it; lower optim.lr or check the data")
         # Every rank reaches this at the same step (the flag is global). Log first, then meet at a
         # barrier, so that whichever rank the launcher reports, every rank has recorded the stop.
         log.error(msg)
@@ -186,7 +226,10 @@ class Trainer:
     # --- the end --------------------------------------------------------------------------------
 
     def stop(self, reason: StopReason) -> StopReason:
-        """An agreed stop request, after its checkpoint: record it and hand the reason back."""
+        """An agreed stop request or early stopping, after its checkpoint: record it and hand the
+        reason back."""
+        if reason == StopReason.EARLY_STOPPED:
+            return self.finish(reason)
         newest = self.ckpt.latest() if self.job.checkpoint.enabled else None
         log.info("stopped after step %d (%s); %s", self.progress.step, reason.name.lower(),
                  f"checkpoint {newest}" if newest else "no checkpoint (checkpoint.enabled=false)")
@@ -198,12 +241,29 @@ class Trainer:
         barrier()
         return reason
 
-    def finish(self) -> StopReason:
+    def finish(self, reason: StopReason = StopReason.FINISHED) -> StopReason:
         host = gather_host_rss(rank=self.d.rank, world_size=self.d.world_size, device=self.d.device,
                                before=self.rss_before_load)
         self.metrics.event("end", step=self.progress.step, tokens_seen=self.progress.tokens_seen(),
                            host_rss_peak_gib=host["host_rss_peak_gib"],
                            host_rss_peak_gib_per_rank=host["host_rss_peak_gib_per_rank"])
         self.metrics.close()
+        if self.d.is_main:
+            self._report()
         barrier()
-        return StopReason.FINISHED
+        return reason
+
+    def _report(self) -> None:
+        """Rank 0, at the end: the last generated sample, then the run summary (summary.json, the
+        report PNG, a short table). Observation only: a failure here is logged, not raised, so it
+        cannot turn a finished training run into a failed one."""
+        samples = self.evaluator.last_samples if self.evaluator is not None else []
+        if samples:
+            s = samples[0]
+            print(f"sample (step {self.progress.step}): {s['prompt']!r} -> {s['completion']!r}", flush=True)
+        try:
+            from ftcluster.report import report_run
+
+            report_run(self.ckpt.dir.parent, console=self.metrics.console)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.warning("could not write the run report: %s: %s", type(e).__name__, e)

@@ -105,15 +105,26 @@ def test_full_finetune_resumes_on_fewer_ranks(tmp_path: Path) -> None:
     assert meta["world_size"] == 1 and meta["data"]["consumed"] == 6 * 8
 
 
+def test_non_finite_message_names_the_first_bad_step_between_log_points(tmp_path: Path) -> None:
+    """log_every=4, a NaN at step 5: noticed at the step-8 log point, reported as step 5 with
+    step 5's own (non-finite) loss, not step 8's."""
+    run = tmp_path / "X"
+    p = run_cli("train", "peft=lora", "train.max_steps=8", "train.log_every=4", "checkpoint.every_steps=100",
+                "debug.nan_at_step=5", "debug.nan_rank=0", f"run.dir={run}", cwd=tmp_path)
+    assert p.returncode == 1, explain(p)
+    assert "non-finite loss or gradient at step 5 (loss=nan" in p.stderr and "noticed after step 8" in p.stderr, \
+        p.stderr[-3000:]
+
+
 def test_non_finite_loss_on_one_rank_stops_all_without_committing(tmp_path: Path) -> None:
     run = tmp_path / "X"
     p = run_cli("train", "launcher.nproc_per_node=2", "peft=lora", "train.max_steps=6", "checkpoint.every_steps=2",
                 "debug.nan_at_step=3", "debug.nan_rank=1", f"run.dir={run}", cwd=tmp_path)
     assert p.returncode == 1, explain(p)
-    assert "NonFiniteError: non-finite loss or gradient at or before step 3" in p.stderr, p.stderr[-3000:]
+    assert "NonFiniteError: non-finite loss or gradient at step 3 (loss=nan" in p.stderr, p.stderr[-3000:]
     # The NaN was injected on rank 1 only; rank 0 stopping on it too shows the ranks agree.
     for r in (0, 1):
-        assert "non-finite loss or gradient at or before step 3" in (run / f"logs/rank{r}.log").read_text(), r
+        assert "non-finite loss or gradient at step 3" in (run / f"logs/rank{r}.log").read_text(), r
     assert committed_steps(run) == [2]
     assert sorted(losses(run)) == [1, 2]
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

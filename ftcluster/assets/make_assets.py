@@ -47,11 +47,18 @@ ASSETS_DIR = Path(__file__).resolve().parent
 DATA_DIR = ASSETS_DIR / "data"
 DATA_FILE = DATA_DIR / "sample_chat.jsonl"
 DATA_README = DATA_DIR / "README.md"
+EVAL_FILE = DATA_DIR / "sample_chat_eval.jsonl"
+"""Held-out conversations from the same generator (another seed), none identical to a training one:
+the embedded default's eval set. Kept apart from sample_chat.jsonl so the training data (and the
+losses recorded from it) stay as they are."""
+
 MODEL_DIR = ASSETS_DIR / "tiny-llama"
 
 DATA_SEED = 1234
 MODEL_SEED = 0
 NUM_CONVERSATIONS = 2000
+NUM_EVAL_CONVERSATIONS = 100
+EVAL_SEED = DATA_SEED + 1
 VOCAB_SIZE = 1024
 
 BOS = "<|begin_of_text|>"
@@ -296,10 +303,30 @@ def write_data(convs: list[dict]) -> None:
         f"{len(convs)} synthetic chat conversations (`{{\"messages\": [{{\"role\", \"content\"}}, ...]}}` per line) "
         "built from templated, easily learnable tasks: arithmetic, capital cities, word reversal/echo, "
         "letter counting, unit conversions and greetings; some with a system message, some with two assistant turns.\n"
+        "`sample_chat_eval.jsonl`: 100 held-out conversations from the same generator with another seed, none "
+        "identical to a training one (the embedded default's eval set).\n"
         "Generated deterministically by `python -m ftcluster.assets.make_assets` (do not edit by hand).\n",
         encoding="utf-8",
         newline="\n",
     )
+
+
+def make_eval_conversations(train: list[dict]) -> list[dict]:
+    seen = {json.dumps(c, sort_keys=True) for c in train}
+    out: list[dict] = []
+    extra = 0
+    while len(out) < NUM_EVAL_CONVERSATIONS:
+        batch = make_conversations(NUM_EVAL_CONVERSATIONS + extra, seed=EVAL_SEED)
+        out = [c for c in batch if json.dumps(c, sort_keys=True) not in seen][:NUM_EVAL_CONVERSATIONS]
+        extra += 50
+    return out
+
+
+def write_eval_data(convs: list[dict]) -> None:
+    with open(EVAL_FILE, "w", encoding="utf-8", newline="\n") as f:
+        for c in convs:
+            f.write(json.dumps(c, ensure_ascii=False) + "\n")
+    os.chmod(EVAL_FILE, 0o644)
 
 
 def load_conversations() -> list[dict]:
@@ -424,6 +451,7 @@ def build_model(tokenizer):
 def generate() -> None:
     convs = make_conversations()
     write_data(convs)
+    write_eval_data(make_eval_conversations(convs))
 
     tokenizer = build_tokenizer(convs)
     model = build_model(tokenizer)
@@ -552,7 +580,7 @@ def check() -> None:
     print(f"  model parameters:         {n_params:,}")
     print(f"  untrained loss (8 convs): {loss:.3f} (ln V = {torch.log(torch.tensor(float(model.config.vocab_size))):.3f})")
     print("  special token ids:        " + ", ".join(f"{k}={v}" for k, v in special.items()))
-    files = [DATA_FILE, DATA_README] + sorted(p for p in MODEL_DIR.iterdir() if p.is_file())
+    files = [DATA_FILE, EVAL_FILE, DATA_README] + sorted(p for p in MODEL_DIR.iterdir() if p.is_file())
     for p in files:
         print(f"  {_sha256(p)[:16]}  {p.stat().st_size:>9,d}  {p.relative_to(ASSETS_DIR)}")
 

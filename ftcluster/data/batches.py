@@ -80,24 +80,8 @@ class DistributedBatches:
         return self._collate([self.data[i] for i in indices], indices)
 
     def _collate(self, samples: list[tuple[Any, Any]], indices: list[int]) -> Batch:
-        longest = max(len(ids) for ids, _ in samples)
-        if longest > self.max_seq_len:
-            i = indices[max(range(len(samples)), key=lambda j: len(samples[j][0]))]
-            raise DataError(f"sample {i} has {longest} tokens, more than data.max_seq_len={self.max_seq_len}")
-        m = self.pad_to_multiple_of
-        width = min(-(-longest // m) * m, self.max_seq_len)
-        input_ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
-        labels = np.full((len(samples), width), IGNORE_INDEX, dtype=np.int64)
-        for b, (ids, supervised) in enumerate(samples):
-            ids = np.asarray(ids, dtype=np.int64)
-            supervised = np.asarray(supervised, dtype=bool)
-            n = len(ids)
-            input_ids[b, :n] = ids
-            labels[b, :n - 1] = np.where(supervised[1:], ids[1:], IGNORE_INDEX)
-        # Real (non-pad) tokens, known here for free; the pad id may also be a real token.
-        batch = Batch(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
-                      num_tokens=sum(len(ids) for ids, _ in samples),
-                      num_supervised=int((labels != IGNORE_INDEX).sum()))
+        batch = collate(samples, indices=indices, pad_id=self.pad_id, max_seq_len=self.max_seq_len,
+                        pad_to_multiple_of=self.pad_to_multiple_of)
         return batch.pin_memory() if self.pin_memory else batch
 
     def state_dict(self) -> dict[str, int | bool]:
@@ -113,3 +97,27 @@ class DistributedBatches:
                     f"{key}={mine}; the same data, seed and data.shuffle are needed to continue the same sample order")
         self._consumed = int(state["consumed"])
         self._orders = {}
+
+
+def collate(samples: list[tuple[Any, Any]], *, indices: list[int], pad_id: int, max_seq_len: int,
+            pad_to_multiple_of: int = 8) -> Batch:
+    """Right-pad samples `(input_ids, supervised)` into one Batch (see `Batch` for the label
+    layout); the width is the longest sample rounded up to a multiple of `pad_to_multiple_of`,
+    at most max_seq_len. `indices` name the samples in errors."""
+    longest = max(len(ids) for ids, _ in samples)
+    if longest > max_seq_len:
+        i = indices[max(range(len(samples)), key=lambda j: len(samples[j][0]))]
+        raise DataError(f"sample {i} has {longest} tokens, more than data.max_seq_len={max_seq_len}")
+    m = pad_to_multiple_of
+    width = min(-(-longest // m) * m, max_seq_len)
+    input_ids = np.full((len(samples), width), pad_id, dtype=np.int64)
+    labels = np.full((len(samples), width), IGNORE_INDEX, dtype=np.int64)
+    for b, (ids, supervised) in enumerate(samples):
+        ids = np.asarray(ids, dtype=np.int64)
+        supervised = np.asarray(supervised, dtype=bool)
+        n = len(ids)
+        input_ids[b, :n] = ids
+        labels[b, :n - 1] = np.where(supervised[1:], ids[1:], IGNORE_INDEX)
+    # Real (non-pad) tokens, known here for free; the pad id may also be a real token.
+    return Batch(input_ids=torch.from_numpy(input_ids), labels=torch.from_numpy(labels),
+                 num_tokens=sum(len(ids) for ids, _ in samples), num_supervised=int((labels != IGNORE_INDEX).sum()))

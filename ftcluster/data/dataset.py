@@ -73,13 +73,39 @@ class TokenizedData:
         """Where sample i came from (`file:line`, `file: row N`, or `synthetic sample N`)."""
         return self._samples.where(i)
 
+    def raw_row(self, i: int) -> dict | None:
+        """The raw row sample i was tokenised from (its configured fields), or None (synthetic)."""
+        return self._samples.raw_row(i)
+
+    def subset(self, indices: np.ndarray) -> "TokenizedData":
+        """Samples `indices` of this data, in that order, as their own TokenizedData (a view)."""
+        return TokenizedData(samples=_Subset(self._samples, np.asarray(indices, dtype=np.int64)), stats=self.stats)
+
+
+class _Subset:
+    def __init__(self, base: Any, indices: np.ndarray) -> None:
+        self._base, self._indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._base[int(self._indices[i])]
+
+    def where(self, i: int) -> str:
+        return self._base.where(int(self._indices[i]))
+
+    def raw_row(self, i: int) -> dict | None:
+        return self._base.raw_row(int(self._indices[i]))
+
 
 class _ArrowSamples:
-    def __init__(self, *, rows: datasets.Dataset, keep: np.ndarray, source: Source) -> None:
+    def __init__(self, *, rows: datasets.Dataset, keep: np.ndarray, source: Source, raw: datasets.Dataset) -> None:
         self._rows = rows.select_columns(["input_ids", "supervised"]).with_format("numpy")
         self._raw_row = rows.select_columns(["row"])
         self._keep = keep
         self._source = source
+        self._raw = raw  # memory-mapped Arrow: read only for generation prompts
 
     def __len__(self) -> int:
         return len(self._keep)
@@ -90,6 +116,9 @@ class _ArrowSamples:
 
     def where(self, i: int) -> str:
         return self._source.locate(self._raw_row[int(self._keep[i])]["row"])
+
+    def raw_row(self, i: int) -> dict | None:
+        return dict(self._raw[int(self._raw_row[int(self._keep[i])]["row"])])
 
 
 class _SyntheticSamples:
@@ -112,6 +141,9 @@ class _SyntheticSamples:
 
     def where(self, i: int) -> str:
         return f"synthetic sample {i}"
+
+    def raw_row(self, i: int) -> dict | None:
+        return None
 
 
 def build_dataset(cfg: DataConfig, *, tokenizer: Any, seed: int, vocab_size: int | None = None) -> TokenizedData:
@@ -161,7 +193,8 @@ def build_dataset(cfg: DataConfig, *, tokenizer: Any, seed: int, vocab_size: int
         raise DataError(f"data.path: no usable samples in {cfg.path}: all {stats.rows_read} rows were dropped "
                         f"({stats.dropped_overlength} over data.max_seq_len={cfg.max_seq_len}, "
                         f"{stats.dropped_no_supervision} with no supervised token)")
-    return TokenizedData(samples=_ArrowSamples(rows=rows, keep=np.flatnonzero(kept_mask), source=source), stats=stats)
+    return TokenizedData(samples=_ArrowSamples(rows=rows, keep=np.flatnonzero(kept_mask), source=source, raw=raw),
+                         stats=stats)
 
 
 def _tokenize(raw: datasets.Dataset, *, cfg: DataConfig, encoder: formats.Encoder, source: Source,

@@ -70,6 +70,12 @@ class Engine(Protocol):
         training losses after it are bit-identical to a run without it. Collective under
         sharding: every rank calls it with a batch."""
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+        """Greedy decoding (KV cache, eval mode, no autograd) from left-padded prompts [rows, T]:
+        the ids [rows, T + new]. Collective: every rank passes the same prompts and runs the same
+        number of forwards. Touches no training state (greedy draws no random numbers)."""
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient L2 norm over all ranks (before clipping), as a 0-d device tensor;
         clips to max_norm when max_norm > 0. Never syncs with the host."""

@@ -405,6 +405,21 @@ class Engine:
         finally:
             self.ds.train()
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+        # Greedy decoding on the model inside the engine: ZeRO-3's hooks on every submodule (each
+        # decoder layer as one leaf) gather parameters per forward; synced_gpus keeps ranks in
+        # lockstep (every forward is collective under ZeRO-3) until all of them are done.
+        self.ds.eval()
+        try:
+            return self.module.hf_model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+                synced_gpus=self.stage == 3 and self.dist.world_size > 1)
+        finally:
+            self.ds.train()
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         # DeepSpeed clips inside its step with the norm of the same reduced gradients; computing it
         # here too costs one pass over this rank's gradient partition and one all-reduce of a scalar.

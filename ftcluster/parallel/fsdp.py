@@ -90,6 +90,25 @@ class Engine:
         finally:
             self.module.train()
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+        # Greedy decoding with transformers' generate on the model inside the root. The root's own
+        # parameters (embeddings, final norm, output head) are gathered only inside the root's
+        # forward, which generate bypasses: unshard them for the call. Decoder layers are FSDP
+        # modules of their own and gather per forward. synced_gpus keeps ranks in lockstep (every
+        # forward is collective) until all of them are done.
+        self.module.eval()
+        self.module.unshard()
+        try:
+            return self.module.hf_model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+                synced_gpus=self.dist.world_size > 1)
+        finally:
+            self.module.reshard()
+            self.module.train()
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         limit = max_norm if max_norm > 0 else float("inf")  # inf: compute the norm, scale by 1
         norm = torch.nn.utils.clip_grad_norm_(self._params, limit, foreach=True)
