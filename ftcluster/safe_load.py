@@ -143,3 +143,20 @@ def safe_filesystem_reader(directory: str | os.PathLike):  # type: ignore[no-unt
             return metadata
 
     return SafeFileSystemReader(str(directory))
+
+
+def _main(argv: list[str]) -> None:
+    """`python -m ftcluster.safe_load MODULE ARGS...`: run MODULE as __main__ with every torch.load
+    safe (DeepSpeed's ds_to_universal; its ProcessPoolExecutor workers fork and inherit this)."""
+    import runpy
+    import sys
+
+    sys.argv = argv
+    with forced_weights_only(deepspeed_globals()):
+        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])
