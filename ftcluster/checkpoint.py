@@ -175,11 +175,11 @@ class CheckpointManager:
         final = self.dir / f"{STEP_PREFIX}{step}"
         tmp = self.dir / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
         if self.d.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._recover_swap()
-            if tmp.exists():
-                shutil.rmtree(tmp)  # a crash's leftover of the same step
             with explain_io_errors(tmp):
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._recover_swap()
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # a crash's leftover of the same step
                 tmp.mkdir()
                 (tmp / "config.yaml").write_text(config_yaml)
         barrier()
