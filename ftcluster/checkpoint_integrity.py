@@ -209,11 +209,19 @@ _WORDS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exc
 
 
 def _chain(e: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    """`e`, what it wraps, and the per-rank failures a torch.distributed.checkpoint
+    CheckpointException carries (`failures`: rank -> (exception, traceback))."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__]
+        for f in (getattr(x, "failures", None) or {}).values():
+            todo.append(f[0] if isinstance(f, tuple) else f)
 
 
 def _newest_file(root: Path) -> Path | None:
@@ -240,7 +248,7 @@ def diagnose(e: BaseException, *, directory: Path) -> tuple[int, str] | None:
         for code, words in _WORDS.items():
             if os.strerror(code).lower() in text.lower() or words in text.lower():
                 return code, str(_newest_file(directory) or directory)
-    if not isinstance(e, (OSError, RuntimeError)):
+    if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "CheckpointException":
         return None
     probe = directory if directory.exists() else directory.parent
     with contextlib.suppress(OSError):
@@ -263,7 +271,9 @@ def explain_io_errors(directory: Path) -> Iterator[None]:
         yield
     except CheckpointIOError:
         raise
-    except (OSError, RuntimeError) as e:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
         found = diagnose(e, directory=directory)
         if found is None:
             raise

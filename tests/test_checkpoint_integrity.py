@@ -253,3 +253,16 @@ def test_zero3_crafted_pt_runs_no_code(tmp_path_factory: pytest.TempPathFactory,
     p = run_cli("train", *ZERO3, f"run.dir={run}", "train.max_steps=4", cwd=tmp_path)
     assert p.returncode != 0 and "refusing to load" in p.stdout + p.stderr, explain(p)
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_cli_full_disk_names_the_cause_in_console_and_rank_error(small_fs: Path, tmp_path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,size=7m", str(small_fs)], check=True)
+    run = small_fs / "R"  # 2.6 MB per LoRA checkpoint: step_2, 4, 6 fit, step_8 does not
+    p = run_cli("train", *FSDP, "train.max_steps=8", "checkpoint.keep_last=5", f"run.dir={run}", cwd=tmp_path)
+    assert p.returncode != 0
+    words = "checkpoint: no space left on device writing " + str(run / "checkpoints/.tmp-step_8/engine")
+    assert words in p.stdout + p.stderr, explain(p)
+    assert words in (run / "logs/rank0.error").read_text()
+    assert [c.name for c in sorted((run / "checkpoints").glob("step_*"))] == ["step_2", "step_4", "step_6"]
+    assert verify(run / "checkpoints/step_6").ok
