@@ -7,6 +7,7 @@ Layout of a committed checkpoint `<run.dir>/checkpoints/step_<N>/`:
                   from model.path / the seed before loading: a 70B LoRA r=16 checkpoint is 2.4 GB (adapters + AdamW).
   rank_<r>.pt     per-rank state (RNG); tensors and plain types only, loaded with weights_only=True
   config.yaml     the resolved config of the run that wrote it
+  manifest.json   every file above with its size and BLAKE2b digest (ftcluster/checkpoint_integrity.py)
   meta.json       step, world size, and the state_dict() of each global stateful object the loop
                   hands over (train progress, data position, logger run id, how the model was built
                   for `ftcluster export`). Written last.
@@ -20,6 +21,31 @@ finished) rank 0 writes meta.json, fsyncs, and renames the directory to `step_<N
 filesystems), then deletes committed checkpoints beyond keep_last. A crash or kill -9 at any point
 leaves either the previous committed checkpoints untouched or the new one complete; a leftover
 `.tmp-*` directory is ignored by `latest()` and removed by the next save.
+The manifest is written (by rank 0, from digests every rank computed of its share of the files,
+after the barrier) before meta.json and the rename, so the argument above covers it: a committed
+checkpoint always has a complete manifest, and meta.json records the manifest's digest.
+
+Verification: loading verifies first (every size, every digest; shared out across ranks). A
+checkpoint that fails is never loaded: `resume=auto` falls back to the newest one that verifies
+and lists what it skipped in `CheckpointManager.rejected` (the trainer logs each as a
+`checkpoint_rejected` event); an explicit `resume=PATH` raises CorruptCheckpointError naming the
+file; `ftcluster export` refuses it. A checkpoint without a manifest (written before manifests)
+loads with a warning.
+
+What a checkpoint from elsewhere can and cannot do: it cannot run code. Every pickle-bearing file
+is loaded with `torch.load(weights_only=True)` and an allowlist of the types the backend writes
+(rank_<r>.pt: none; DeepSpeed's *_model_states.pt / *_optim_states.pt: its loss scaler, ZeRO stage
+enum and fragment address, also inside DeepSpeed's own loaders, zero_to_fp32 and the universal
+conversion), or, for torch.distributed.checkpoint's `.metadata`, with a restricted unpickler that
+admits only DCP's metadata classes (ftcluster/safe_load.py); meta.json and config.yaml are JSON and
+YAML (safe_load). It can still set any weight, optimizer value, data position and RNG state it
+likes, and a config.yaml naming a model path (read locally, trust_remote_code off unless asked):
+a checkpoint from someone else is only as trustworthy as its training. The manifest detects
+corruption, not forgery (whoever writes the files can write a matching manifest).
+
+I/O errors: a save failing with ENOSPC, EACCES/EPERM or EROFS (also when torch's writer wraps it
+in a RuntimeError without errno) raises CheckpointIOError saying so with the path; nothing is
+committed, so the previous checkpoint stays the newest.
 """
 from __future__ import annotations
 
@@ -31,10 +57,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+import logging
+
 import torch
 
+from ftcluster.checkpoint_integrity import (CorruptCheckpointError, Rejection, build_manifest, explain_io_errors,
+                                           verify, verify_or_raise, write_manifest)
 from ftcluster.config import CheckpointConfig
 from ftcluster.distributed import Dist, barrier
+from ftcluster.safe_load import load_pt
+
+log = logging.getLogger("ftcluster")
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -82,6 +115,9 @@ class CheckpointManager:
         self.cfg = cfg
         self.keep_last = cfg.keep_last
         self.d = dist_info
+        self.rejected: list[Rejection] = []
+        """Checkpoints the last `resolve("auto")` skipped because they failed verification (newest
+        first): the caller logs each as a `checkpoint_rejected` event (`Rejection.as_event()`)."""
 
     def due(self, step: int, *, last: bool) -> bool:
         """Whether `step` is a save point: every `checkpoint.every_steps` steps and the last step."""
@@ -105,11 +141,26 @@ class CheckpointManager:
         barrier()
         if resume == "never":
             return None
+        self.rejected = []
         if resume == "auto":
-            return self.latest()
+            for p in reversed(self.committed()):
+                v = verify(p, rank=self.d.rank, world_size=self.d.world_size)
+                if v.problem is None:
+                    if v.legacy:
+                        log.warning("checkpoint %s has no manifest (written before manifests): loading it unverified", p)
+                    return p
+                log.warning("resume: skipping %s: %s: %s; trying an older checkpoint", p,
+                            p / v.problem.file, v.problem.reason)
+                self.rejected.append(v.problem)
+            if self.rejected:
+                raise CorruptCheckpointError(self.rejected[-1].checkpoint, self.rejected[-1].file,
+                                             self.rejected[-1].reason + "; no committed checkpoint verifies "
+                                             "(resume=never starts afresh)")
+            return None
         p = Path(resume)
         if not is_committed(p):
             raise ValueError(f"resume: {resume} is not a committed checkpoint (no meta.json)")
+        verify_or_raise(p, rank=self.d.rank, world_size=self.d.world_size)
         return p
 
     # --- save ---------------------------------------------------------------------------------
@@ -126,19 +177,25 @@ class CheckpointManager:
         final = self.dir / f"{STEP_PREFIX}{step}"
         tmp = self.dir / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
         if self.d.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._recover_swap()
-            if tmp.exists():
-                shutil.rmtree(tmp)  # a crash's leftover of the same step
-            tmp.mkdir()
+            with explain_io_errors(tmp):
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._recover_swap()
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # a crash's leftover of the same step
+                tmp.mkdir()
+                (tmp / "config.yaml").write_text(config_yaml)
         barrier()
-        engine.save_state(tmp / "engine")
-        _atomic_torch_save({k: v.state_dict() for k, v in rank_state.items()}, tmp / f"rank_{self.d.rank}.pt")
+        with explain_io_errors(tmp):
+            engine.save_state(tmp / "engine")
+            _atomic_torch_save({k: v.state_dict() for k, v in rank_state.items()}, tmp / f"rank_{self.d.rank}.pt")
         barrier()  # every rank's shards and state are on disk
+        manifest = build_manifest(tmp, rank=self.d.rank, world_size=self.d.world_size)  # collective
         if self.d.is_main:
-            (tmp / "config.yaml").write_text(config_yaml)
             meta = {**{k: v.state_dict() for k, v in state.items()}, "step": step, "world_size": self.d.world_size}
-            _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
+            with explain_io_errors(tmp):
+                assert manifest is not None
+                meta["manifest"] = write_manifest(tmp, manifest)  # before meta.json: see the docstring
+                _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
             _fsync_tree(tmp)
             if before_commit is not None:
                 before_commit()
@@ -203,7 +260,7 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.d.rank}.pt"
         restored = meta.get("world_size") == self.d.world_size and rank_file.is_file()
         if restored:
-            saved = torch.load(rank_file, weights_only=True, map_location="cpu")
+            saved = load_pt(rank_file, map_location="cpu")  # tensors and plain types only
             for key, obj in rank_state.items():
                 obj.load_state_dict(saved[key])
         return Loaded(path=path, step=int(meta["step"]), world_size=int(meta["world_size"]), rank_state_restored=restored)

@@ -72,6 +72,20 @@ def broadcast_object(obj, *, src: int = 0):  # type: ignore[no-untyped-def]
     return box[0]
 
 
+def broadcast_object_if_dist(obj, *, src: int = 0):  # type: ignore[no-untyped-def]
+    """`broadcast_object`, or `obj` itself without a process group (a world of one)."""
+    return broadcast_object(obj, src=src) if dist.is_initialized() else obj
+
+
+def all_gather_object(obj) -> list:  # type: ignore[no-untyped-def]
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

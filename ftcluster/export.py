@@ -64,9 +64,11 @@ def open_engine_state(directory: Path, *, backend: str) -> EngineState:
     """The reader for the `engine/` directory a `parallel.backend` wrote (the backend table's)."""
     from ftcluster.parallel import backend_for
 
+    from ftcluster.safe_load import UnsafeCheckpointError
+
     try:
         return backend_for(backend).CheckpointReader(directory)
-    except CheckpointFormatError as e:
+    except (CheckpointFormatError, UnsafeCheckpointError) as e:
         raise ExportError(str(e)) from None
 
 
@@ -98,7 +100,13 @@ def load_source(path: Path, *, trust_remote_code: bool = False) -> Source:
     from ftcluster.compose import load_saved_job
     from ftcluster.config import ConfigError
 
+    from ftcluster.checkpoint_integrity import CorruptCheckpointError, verify_or_raise
+
     ckpt = resolve_checkpoint(path)
+    try:  # a checkpoint that fails verification is never exported (legacy ones, no manifest: a warning)
+        verify_or_raise(ckpt)
+    except CorruptCheckpointError as e:
+        raise ExportError(f"refusing to export: {e}") from None
     cfg_file = ckpt / "config.yaml"
     if not (cfg_file.is_file() and cfg_file.read_text().strip()):
         raise ExportError(f"{ckpt}: no config.yaml (the run's resolved config); cannot tell the model it trained")
@@ -472,8 +480,8 @@ def export_command(argv: list[str]) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the base model directory's own Python code run (off by default, whatever the run "
-                        "used). Note: DeepSpeed checkpoints are read with DeepSpeed's own loader, which unpickles "
-                        "its files: export only DeepSpeed checkpoints you trust")
+                        "used). Checkpoint files themselves never run code: their pickles load with weights_only=True "
+                        "and an allowlist (ftcluster/safe_load.py)")
     p.add_argument("--best", action="store_true",
                    help="CHECKPOINT is a run directory: export its best checkpoint (checkpoint.keep_best, "
                         "recorded in best.json) instead of the newest")

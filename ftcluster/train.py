@@ -114,6 +114,8 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     # and its peak so far, gathered (collective) so rank 0 records every rank's.
     host = gather_host_rss(rank=d.rank, world_size=d.world_size, device=d.device, before=rss_before_load)
     host["load_seconds"] = round(time.perf_counter() - t_load, 2)  # shard + materialise (+ resume)
+    for rejected in ckpt.rejected:  # resume=auto skipped a checkpoint that failed verification
+        metrics.event("checkpoint_rejected", step=progress.step, **rejected.as_event())
     if loaded is not None:
         metrics.event("resume", step=progress.step, checkpoint=str(loaded.path), world_size=d.world_size, **host)
     else:

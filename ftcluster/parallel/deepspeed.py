@@ -458,13 +458,19 @@ class Engine:
             raise ValueError(f"resume: {directory.parent} was written by ZeRO stage {meta['stage']}, this run is "
                              f"ZeRO-{self.stage}; resume with parallel.backend=zero{meta['stage']}")
         kwargs = {"load_module_strict": False, "load_optimizer_states": True, "load_lr_scheduler_states": False}
+        from ftcluster.safe_load import deepspeed_globals, forced_weights_only
+
+        # DeepSpeed torch.loads its .pt files with weights_only=False: inside, every torch.load is
+        # weights_only=True with the allowlist of what DeepSpeed writes (no code from a checkpoint).
         if meta["world_size"] == self.dist.world_size:
-            path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, **kwargs)
+            with forced_weights_only(deepspeed_globals()):
+                path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, **kwargs)
         else:
             universal = _universal_checkpoint(directory, self.dist)
             self.ds._config.load_universal_checkpoint = True  # read by load_checkpoint only
             try:
-                path, _ = self.ds.load_checkpoint(str(universal), tag=TAG, **kwargs)
+                with forced_weights_only(deepspeed_globals()):
+                    path, _ = self.ds.load_checkpoint(str(universal), tag=TAG, **kwargs)
             finally:
                 self.ds._config.load_universal_checkpoint = False
         if path is None:
@@ -603,7 +609,9 @@ def _universal_checkpoint(directory: Path, d: Dist) -> Path:
         tmp = directory / f".universal-tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / TAG),
+        # Through ftcluster.safe_load: every torch.load of the conversion (and of its forked
+        # workers) is weights_only=True with DeepSpeed's allowlist.
+        cmd = [sys.executable, "-m", "ftcluster.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / TAG),
                "--output_folder", str(tmp / TAG), "--inject_missing_state", "--num_extract_workers", str(workers),
                "--num_merge_workers", str(max(1, workers // 2))]
         log.info("converting %s to DeepSpeed's universal checkpoint format for a new world size", directory)
@@ -631,8 +639,11 @@ class CheckpointReader:
         with _quiet_deepspeed(), contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints on import
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG,
-                                                                  exclude_frozen_parameters=True, lazy_mode=True)
+            from ftcluster.safe_load import deepspeed_globals, forced_weights_only
+
+            with forced_weights_only(deepspeed_globals()):  # zero_to_fp32 loads with weights_only=False
+                self._lazy = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG,
+                                                                      exclude_frozen_parameters=True, lazy_mode=True)
         self._names = {n: (torch.Size(t.shape), torch.float32) for n, t in self._lazy.items()}
 
     def names(self) -> dict[str, tuple[torch.Size, torch.dtype]]:

@@ -139,15 +139,17 @@ class Engine:
         # Every trainable parameter must be in the checkpoint; a frozen one is loaded when the
         # checkpoint holds it (saved with adapter_only=false), else it keeps its rebuilt value.
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        saved = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        from ftcluster.safe_load import safe_filesystem_reader
+
+        # The metadata is a pickle: read through the restricted unpickler (no code from a checkpoint).
+        saved = safe_filesystem_reader(directory).read_metadata().state_dict_metadata
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         trainable = get_state_dict(self.module, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))[0]
         model_sd = {k: v for k, v in model_sd.items() if k in trainable or f"model.{k}" in saved}
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, storage_reader=safe_filesystem_reader(directory))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
 
@@ -194,11 +196,12 @@ class CheckpointReader:
     (`ftcluster export`). Keys are `model.<parameter name>` (and `optim.*`, ignored)."""
 
     def __init__(self, directory: Path) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        from ftcluster.safe_load import safe_filesystem_reader
+
         self.directory = directory
-        md = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        md = safe_filesystem_reader(directory).read_metadata().state_dict_metadata
         self._names = {k[len("model."):]: (torch.Size(m.size), m.properties.dtype) for k, m in md.items()
                        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
 
@@ -207,12 +210,13 @@ class CheckpointReader:
 
     def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
+
+        from ftcluster.safe_load import safe_filesystem_reader
 
         if not names:
             return {}
         sd = {f"model.{n}": torch.empty(self._names[n][0], dtype=self._names[n][1]) for n in names}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process": intended
-            dcp.load(sd, storage_reader=FileSystemReader(str(self.directory)), no_dist=True)
+            dcp.load(sd, storage_reader=safe_filesystem_reader(self.directory), no_dist=True)
         return {n: sd[f"model.{n}"] for n in names}
