@@ -1,4 +1,4 @@
-"""The `ftcluster` command: `ftcluster train [overrides]`, `ftcluster export ...`.
+"""The `ftcluster` command: `ftcluster train [overrides]`, `ftcluster export ...`, `ftcluster report ...`.
 
 `train` is a Hydra application (so `--help`, `--cfg job`, `-m` sweeps and override grammar are
 Hydra's own). The driver composes and validates the config, resolves the run directory once, and
@@ -16,6 +16,8 @@ commands:
             (ftcluster train --help lists the config groups and every key)
   export    write a checkpoint as a Hugging Face PEFT adapter or (--merge) a merged model:
             ftcluster export <checkpoint or run dir> <out dir> [--best] [--merge] [--dtype bf16] [--max-shard-size 5GB]
+  report    summarise a run dir (finished or still running): summary.json, a PNG of loss and throughput,
+            a table: ftcluster report <run dir> [--out PNG]
 
 Run `ftcluster train` with no arguments to fine-tune the embedded tiny model on the sample data.
 """
@@ -33,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from ftcluster.export import export_command
 
         return export_command(rest)
+    if cmd == "report":
+        from ftcluster.report import report_command
+
+        return report_command(rest)
     print(f"ftcluster: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

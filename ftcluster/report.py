@@ -1,0 +1,458 @@
+"""The run summary and report: what a run did, read back from its run dir.
+
+`summarize` reads `<run.dir>/metrics.jsonl` (step records and events, ftcluster.metrics),
+`best.json` and the committed checkpoints; `write_summary` stores it as `summary.json`; `draw` plots
+loss (train and eval) and throughput to `report.png`; `print_summary` prints a short table.
+`report_run` does all three and is what the trainer calls on rank 0 at the end of a run;
+`ftcluster report RUN_DIR` does the same by hand, also while the run is still going.
+
+Reads only files: no process group, no torch at import (matplotlib and the checkpoint module are
+imported inside the functions that need them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.png"
+BEST_FILE = "best.json"
+OPENING_EVENTS = ("start", "resume")
+CLOSING_EVENTS = ("end", "preempted", "terminated", "early_stop")
+# eval_* keys that count or time things rather than score the model: first/last only, no "best".
+EVAL_COUNTS = ("eval_samples", "eval_tokens", "eval_tokens_per_s")
+FIG_INCHES, FIG_DPI = (12, 8), 100  # 1200x800 pixels
+
+
+class ReportError(ValueError):
+    """A run dir whose records cannot be read: the message names the file (and line)."""
+
+
+@dataclass(kw_only=True)
+class Segment:
+    """One process lifetime of a run: from its start/resume event to its last closing event (or
+    its last timed record while it runs or after a kill -9)."""
+    opening: dict
+    closing: dict | None = None
+    last_time: float | None = None
+    first_step_line: int | None = None  # the line of the segment's first step record (its warm-up window)
+
+
+@dataclass(kw_only=True)
+class RunLog:
+    """metrics.jsonl parsed once: step records (a step logged again by a resumed run keeps the last,
+    with the line it came from), events in order, and the segments."""
+    run_dir: Path
+    steps: dict[int, tuple[int, dict]] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+
+    def step_records(self) -> list[dict]:
+        return [rec for _, (_, rec) in sorted(self.steps.items())]
+
+    def named(self, name: str) -> list[dict]:
+        return [e for e in self.events if e.get("event") == name]
+
+
+def _parse_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a metrics.jsonl."""
+    if not path.is_file():
+        raise ReportError(f"{path}: no such file (not a run dir, or the run has not started)")
+    text = path.read_text()
+    lines = text.splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            # The logger writes a record and its newline in one call: an unterminated last line that
+            # does not parse is a record being written right now (the run is live), not a bad file.
+            if n == len(lines) and not text.endswith("\n"):
+                break
+            raise ReportError(f"{path}:{n}: not a JSON object: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise ReportError(f"{path}:{n}: not a JSON object: {type(obj).__name__}")
+        out.append((n, obj))
+    if not out:
+        raise ReportError(f"{path}: empty: no step or event logged yet")
+    return out
+
+
+def load_run(run_dir: Path) -> RunLog:
+    """Parse `<run_dir>/metrics.jsonl` into step records, events and segments."""
+    path = Path(run_dir) / METRICS_FILE
+    run = RunLog(run_dir=Path(run_dir))
+    for n, obj in _parse_lines(path):
+        name = obj.get("event")
+        if name in OPENING_EVENTS or (name is None and not run.segments):
+            # A step before any opening event (an older log) still gets a segment to belong to.
+            run.segments.append(Segment(opening=obj if name else {"event": "start"}))
+        seg = run.segments[-1]
+        if isinstance(obj.get("time"), (int, float)):
+            seg.last_time = float(obj["time"])
+        if name is None:
+            if "step" not in obj or "loss" not in obj:
+                raise ReportError(f"{path}:{n}: neither a step record (step, loss) nor an event")
+            run.steps[int(obj["step"])] = (n, obj)
+            seg.first_step_line = seg.first_step_line or n
+            continue
+        run.events.append(obj)
+        if name in CLOSING_EVENTS:
+            seg.closing = obj  # the last one counts: early_stop is followed by end
+    _mark_live_end(run, path)
+    return run
+
+
+def _mark_live_end(run: RunLog, path: Path) -> None:
+    """Step records carry no time: a last segment without a closing event (still running, or
+    killed) ends at the file's modification time, the moment its last record was written."""
+    last = run.segments[-1]
+    if last.closing is None and last.opening.get("time") is not None:
+        last.last_time = max(last.last_time or 0.0, path.stat().st_mtime)
+
+
+def _segment_seconds(seg: Segment) -> float:
+    start = seg.opening.get("time")
+    end = seg.closing["time"] if seg.closing and "time" in seg.closing else seg.last_time
+    return max(float(end) - float(start), 0.0) if start is not None and end is not None else 0.0
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _max(values: list[float | None]) -> float | None:
+    vals = [float(v) for v in values if isinstance(v, (int, float))]
+    return max(vals) if vals else None
+
+
+def _throughput(run: RunLog) -> dict[str, Any]:
+    """Means over the logged windows. The first window of each segment includes model warm-up
+    (allocator, torch.compile, data workers), so it is left out when at least 2 windows remain
+    (with 3 windows in one run: all but the first); otherwise every window counts."""
+    warmup = {seg.first_step_line for seg in run.segments}
+    windows = [rec for line, rec in (run.steps[s] for s in sorted(run.steps)) if line not in warmup]
+    if len(windows) < 2:
+        windows = run.step_records()
+    return {"tokens_per_s": _mean([w.get("tokens_per_s") for w in windows]),
+            "tokens_per_s_per_gpu": _mean([w.get("tokens_per_s_per_gpu") for w in windows]),
+            "mfu": _mean([w.get("mfu") for w in windows]),
+            "throughput_windows": len(windows)}
+
+
+def higher_is_better(metric: str) -> bool:
+    """The direction of an eval metric, as eval.mode=auto decides it: lower for loss and perplexity."""
+    return not any(k in metric for k in ("loss", "ppl"))
+
+
+def _eval_series(run: RunLog) -> dict[int, dict]:
+    """Step -> eval event; a step evaluated again (a resumed run re-doing it) keeps the last."""
+    return {int(e["step"]): e for e in run.named("eval") if "step" in e}
+
+
+def _eval_summary(run: RunLog) -> dict[str, dict]:
+    """For every eval_* key: first and last (with steps) and, for scores, the best (with step)."""
+    series = _eval_series(run)
+    keys = sorted({k for e in series.values() for k in e if k.startswith("eval_")})
+    out: dict[str, dict] = {}
+    for key in keys:
+        points = [(s, e[key]) for s, e in sorted(series.items()) if isinstance(e.get(key), (int, float))]
+        if not points:
+            continue
+        item = {"first": points[0][1], "first_step": points[0][0], "last": points[-1][1], "last_step": points[-1][0]}
+        if key not in EVAL_COUNTS:
+            pick = max if higher_is_better(key) else min
+            best_step, best = pick(points, key=lambda p: p[1])  # ties: the earliest step
+            item.update(best=best, best_step=best_step)
+        out[key] = item
+    return out
+
+
+def _read_best(run_dir: Path) -> dict | None:
+    path = run_dir / BEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not JSON: {e.msg}") from None
+    if not isinstance(best, dict):
+        raise ReportError(f"{path}: not a JSON object")
+    ckpt = best.get("checkpoint")
+    # keep_best keeps it, but a checkpoint deleted by hand must not be offered for export.
+    best["exists"] = bool(ckpt) and (run_dir / str(ckpt)).is_dir()  # run_dir / an absolute path is that path
+    return best
+
+
+def _status(run: RunLog) -> str:
+    """running (no closing event yet, or killed), finished, early_stop, preempted or terminated."""
+    closing = run.segments[-1].closing
+    if closing is None:
+        return "running"
+    if closing["event"] == "early_stop" or (closing["event"] == "end" and run.named("early_stop")):
+        return "early_stop"
+    return "finished" if closing["event"] == "end" else closing["event"]
+
+
+def _newest_checkpoint(run_dir: Path) -> str | None:
+    from ftcluster.checkpoint import committed_checkpoints  # lazily: it imports torch
+
+    committed = committed_checkpoints(run_dir)
+    return str(committed[-1]) if committed else None
+
+
+def _summarize(run: RunLog) -> dict[str, Any]:
+    recs = run.step_records()
+    ends = run.named("end")
+    closing_steps = [e["step"] for e in run.events if e.get("event") in CLOSING_EVENTS and "step" in e]
+    tokens = ends[-1].get("tokens_seen") if ends else (recs[-1].get("tokens_seen") if recs else None)
+    early = run.named("early_stop")
+    return {
+        "run_dir": str(run.run_dir),
+        "status": _status(run),
+        "steps": max([r["step"] for r in recs] + closing_steps, default=0),
+        "train_loss": ({"first": recs[0]["loss"], "first_step": recs[0]["step"],
+                        "last": recs[-1]["loss"], "last_step": recs[-1]["step"]} if recs else None),
+        "eval": _eval_summary(run),
+        **_throughput(run),
+        "peak_mem_gib": _max([r.get("mem_gib") for r in recs]),
+        "peak_mem_reserved_gib": _max([r.get("mem_reserved_gib") for r in recs]),
+        "wall_time_s": sum(_segment_seconds(s) for s in run.segments),
+        "segments": [{"event": s.opening.get("event"), "step": s.opening.get("step", 0),
+                      "world_size": s.opening.get("world_size"),
+                      "ended": s.closing.get("event") if s.closing else None,
+                      "seconds": _segment_seconds(s)} for s in run.segments],
+        "tokens_seen": tokens,
+        "checkpoint": _newest_checkpoint(run.run_dir),
+        "best": _read_best(run.run_dir),
+        "early_stopped": bool(early),
+        "early_stop": {k: v for k, v in early[-1].items() if k != "event"} if early else None,
+        "world_size": next((s.opening["world_size"] for s in reversed(run.segments) if "world_size" in s.opening), None),
+    }
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """What a run did, from its run dir (see the module docstring); raises ReportError naming the
+    file (and line) when metrics.jsonl is missing, empty or malformed."""
+    return _summarize(load_run(Path(run_dir)))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    # A reader (a user's viewer, a second `ftcluster report`) sees the old file or the new one, never half.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _store_summary(summary: dict[str, Any], *, run_dir: Path) -> None:
+    _atomic_write_bytes(run_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def write_summary(run_dir: Path) -> dict[str, Any]:
+    """Write `<run_dir>/summary.json` (atomically) and return the summary."""
+    summary = summarize(Path(run_dir))
+    _store_summary(summary, run_dir=Path(run_dir))
+    return summary
+
+
+# --- the picture ------------------------------------------------------------------------------
+
+
+def _style(ax, *, title: str, ylabel: str) -> None:  # type: ignore[no-untyped-def]
+    ax.set_title(title, fontsize=13)
+    ax.set_xlabel("optimizer step", fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.grid(True, alpha=0.3)
+
+
+def _mark_resumes(ax, run: RunLog) -> None:  # type: ignore[no-untyped-def]
+    """A dashed line where a resumed segment starts: the curve may jump there."""
+    for i, seg in enumerate(s for s in run.segments if s.opening.get("event") == "resume"):
+        ax.axvline(seg.opening.get("step", 0), color="grey", linestyle="--", linewidth=1,
+                   label="resumed" if i == 0 else None)
+
+
+def _draw_loss(ax, run: RunLog, *, summary: dict) -> None:  # type: ignore[no-untyped-def]
+    recs = run.step_records()
+    few = len(recs) <= 30  # markers keep a short run (one step) visible; a long curve reads better without
+    if recs:
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], color="tab:blue", linewidth=1.5,
+                marker="o" if few else None, markersize=4, label="train loss")
+    evals = [(s, e["eval_loss"]) for s, e in sorted(_eval_series(run).items())
+             if isinstance(e.get("eval_loss"), (int, float))]
+    if evals:
+        ax.plot(*zip(*evals), color="tab:orange", linestyle=":", marker="s", markersize=6, label="eval loss")
+        best = summary["eval"]["eval_loss"]
+        ax.plot([best["best_step"]], [best["best"]], linestyle="none", marker="*", markersize=18, color="tab:red",
+                markeredgecolor="black", label=f"best eval loss {best['best']:.4g} (step {best['best_step']})", zorder=5)
+    if not recs and not evals:
+        ax.text(0.5, 0.5, "no steps logged yet", ha="center", va="center", transform=ax.transAxes, fontsize=14)
+    _mark_resumes(ax, run)
+    _style(ax, title="loss", ylabel="loss (per supervised token)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=10, framealpha=0.8)
+
+
+def _draw_throughput(ax, run: RunLog, *, summary: dict) -> None:  # type: ignore[no-untyped-def]
+    recs = [r for r in run.step_records() if isinstance(r.get("tokens_per_s"), (int, float))]
+    if recs:
+        ax.plot([r["step"] for r in recs], [r["tokens_per_s"] for r in recs], color="tab:green", linewidth=1.5,
+                marker="o" if len(recs) <= 30 else None, markersize=4, label="tokens/s (all GPUs)")
+    else:
+        ax.text(0.5, 0.5, "no throughput logged yet", ha="center", va="center", transform=ax.transAxes, fontsize=14)
+    sizes = {s.opening.get("world_size") for s in run.segments} - {None}
+    if len(sizes) == 1 and (ws := sizes.pop()) > 1:
+        # One world size throughout: per GPU is the same curve on a rescaled axis.
+        ax.secondary_yaxis("right", functions=(lambda x: x / ws, lambda x: x * ws)).set_ylabel("tokens/s per GPU")
+    _mark_resumes(ax, run)
+    mean = summary["tokens_per_s"]
+    _style(ax, title="throughput (real tokens)" + (f", mean {mean:,.0f} tokens/s" if mean else ""),
+           ylabel="tokens/s")
+    if recs:
+        ax.legend(loc="lower right", fontsize=10, framealpha=0.8)
+
+
+def _figure_png(run: RunLog, *, summary: dict) -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # A Figure on the Agg canvas, not pyplot: no global backend switch, no window, safe in a notebook.
+    fig = Figure(figsize=FIG_INCHES, dpi=FIG_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    _draw_loss(top, run, summary=summary)
+    _draw_throughput(bottom, run, summary=summary)
+    bottom.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"{run.run_dir.name}: {summary['steps']} steps, {summary['status']}", fontsize=14)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=FIG_DPI)
+    return buf.getvalue()
+
+
+def _draw(run: RunLog, *, summary: dict, out: Path | None) -> Path:
+    path = Path(out) if out is not None else run.run_dir / REPORT_FILE
+    _atomic_write_bytes(path, _figure_png(run, summary=summary))
+    return path
+
+
+def draw(run_dir: Path, out: Path | None = None) -> Path:
+    """Plot train and eval loss (best eval marked) and tokens/s against step; write the PNG
+    (1200x800, atomically) to `out` or `<run_dir>/report.png` and return its path."""
+    run = load_run(Path(run_dir))
+    return _draw(run, summary=_summarize(run), out=out)
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str = ".4f", *, none: str = "n/a") -> str:
+    return none if v is None else format(v, spec)
+
+
+def hms(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _eval_row(item: dict | None) -> str:
+    if not item:
+        return "no evaluation"
+    return (f"first {_fmt(item['first'])} / best {_fmt(item['best'])} (step {item['best_step']}) / "
+            f"last {_fmt(item['last'])}")
+
+
+def _export_target(summary: dict) -> str | None:
+    best = summary.get("best") or {}
+    if best.get("exists"):
+        return str(Path(summary["run_dir"]) / str(best["checkpoint"]))  # best.json may hold it relative to the run dir
+    return summary["checkpoint"]
+
+
+def _rows(summary: dict) -> list[tuple[str, str]]:
+    tl, ev, best = summary["train_loss"], summary["eval"], summary.get("best")
+    gpu = summary["peak_mem_gib"] is not None
+    rows = [("steps", f"{summary['steps']} ({summary['status'].replace('_', ' ')})"),
+            ("train loss", f"{_fmt(tl['first'])} → {_fmt(tl['last'])}" if tl else "no steps logged yet"),
+            ("eval loss", _eval_row(ev.get("eval_loss")))]
+    scores = [k for k in ("eval_exact_match", "eval_rougeL") if k in ev]
+    if scores:
+        rows.append(("eval scores", ", ".join(f"{k[5:]} best {_fmt(ev[k]['best'])} (step {ev[k]['best_step']})"
+                                              for k in scores)))
+    rows += [("tokens/s", f"{_fmt(summary['tokens_per_s'], ',.0f')} "
+                          f"({_fmt(summary['tokens_per_s_per_gpu'], ',.0f')} per GPU, world size {summary['world_size']})"),
+             ("MFU", _fmt(summary["mfu"], ".1%", none="n/a (CPU)")),
+             ("peak GPU memory", f"{summary['peak_mem_gib']:.2f} GiB allocated, "
+                                 f"{_fmt(summary['peak_mem_reserved_gib'], '.2f')} GiB reserved" if gpu else "n/a (CPU)"),
+             ("wall time", f"{hms(summary['wall_time_s'])} ({len(summary['segments'])} segment(s))"),
+             ("checkpoint", summary["checkpoint"] or "none committed")]
+    if best:
+        rows.append(("best checkpoint", f"{best.get('checkpoint')} ({best.get('metric')} {_fmt(best.get('value'))}, "
+                                        f"step {best.get('step')})" + ("" if best["exists"] else " [missing]")))
+    target = _export_target(summary)
+    if target:
+        out = str(Path(summary["run_dir"]) / "export")
+        rows.append(("next", f"ftcluster export {shlex.quote(str(target))} {shlex.quote(out)}"))
+    return rows
+
+
+def print_summary(summary: dict, *, console=None) -> None:  # type: ignore[no-untyped-def]
+    """Print the summary as a short two-column table (to `console`, a rich Console; default stdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {summary['run_dir']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in _rows(summary):
+        table.add_row(name, value)
+    (console or Console()).print(table)
+
+
+# --- the entry points -------------------------------------------------------------------------
+
+
+def report_run(run_dir: Path, *, out: Path | None = None, console=None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """summary.json, the PNG (`out`, default report.png) and, when `console` is given, the table for a
+    run dir; returns the summary. Rank 0 calls this at the end of a run; a run with one step or none
+    still gets a picture."""
+    run = load_run(Path(run_dir))
+    summary = _summarize(run)
+    _store_summary(summary, run_dir=run.run_dir)
+    _draw(run, summary=summary, out=out)
+    if console is not None:
+        print_summary(summary, console=console)
+    return summary
+
+
+def report_command(argv: list[str]) -> int:
+    """`ftcluster report RUN_DIR [--out PNG]`: exit 0, or 2 for a dir whose metrics cannot be read."""
+    from rich.console import Console
+
+    p = argparse.ArgumentParser(prog="ftcluster report", description=(
+        "Summarise a run dir (finished or still running): write summary.json and a PNG of loss and "
+        "throughput, print a table."))
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="where to write the PNG (default RUN_DIR/report.png)")
+    args = p.parse_args(argv)
+    try:
+        report_run(args.run_dir, out=args.out, console=Console())
+    except ReportError as e:
+        print(f"ftcluster report: {e}", file=sys.stderr)
+        return 2
+    print(f"summary: {args.run_dir / SUMMARY_FILE}")
+    print(f"plot: {args.out or args.run_dir / REPORT_FILE}")
+    return 0
