@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ftcluster.config import JobConfig
 from ftcluster.data.batch import Batch
@@ -58,6 +58,7 @@ class Engine:
         kw = {"mesh": mesh, "mp_policy": mp, **({"offload_policy": offload} if offload else {})}
         if not layers:
             raise ValueError("no decoder layers to shard")
+        self._reshard_after_forward = job.parallel.reshard_after_forward
         for layer in layers:
             fully_shard(layer, reshard_after_forward=job.parallel.reshard_after_forward, **kw)
         fully_shard(module, **kw)
@@ -96,18 +97,38 @@ class Engine:
         # Greedy decoding with transformers' generate on the model inside the root. The root's own
         # parameters (embeddings, final norm, output head) are gathered only inside the root's
         # forward, which generate bypasses: unshard them for the call. Decoder layers are FSDP
-        # modules of their own and gather per forward. synced_gpus keeps ranks in lockstep (every
-        # forward is collective) until all of them are done.
+        # modules of their own and gather per forward -- once per generated token, unless the whole
+        # unsharded model fits in half the free GPU memory: then each layer stays gathered for the
+        # call (one gather per layer instead of one per token). synced_gpus keeps ranks in lockstep
+        # (every forward is collective) until all of them are done.
+        layers = [m for m in self.module.modules() if isinstance(m, FSDPModule) and m is not self.module]
+        keep = self._unsharded_fits()
         self.module.eval()
         self.module.unshard()
+        if keep:
+            for m in layers:
+                m.set_reshard_after_forward(False, recurse=False)
         try:
             return self.module.hf_model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
                 synced_gpus=self.dist.world_size > 1)
         finally:
+            for m in layers if keep else []:
+                m.reshard()
+                m.set_reshard_after_forward(self._reshard_after_forward, recurse=False)
             self.module.reshard()
             self.module.train()
+
+    def _unsharded_fits(self) -> bool:
+        """Whether every parameter, gathered (compute dtype), fits in half the free GPU memory.
+        Agreed across ranks (the gathers are collective)."""
+        if self.dist.device_type != "cuda":
+            return False
+        need = sum(p.numel() * 2 for p in self.module.parameters())  # numel of a DTensor is the global size
+        free = torch.tensor(float(torch.cuda.mem_get_info(self.dist.device)[0] / 2 >= need), device=self.dist.device)
+        torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+        return bool(free.item())
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         limit = max_norm if max_norm > 0 else float("inf")  # inf: compute the norm, scale by 1
