@@ -18,6 +18,29 @@ def check_environment(job: JobConfig) -> None:
     from ftcluster.launch import check
 
     check(job)
+    check_peft_targets(job)
+
+
+def check_peft_targets(job: JobConfig) -> None:
+    """Every `peft.target_modules` entry names a module of the model (checked on the meta device:
+    no memory, well under a second for the tiny model), so a typo fails here, naming the modules
+    that exist, instead of as peft's error on every rank. `all-linear` is peft's own keyword."""
+    p = job.peft
+    if p.method == "none" or list(p.target_modules) == ["all-linear"]:
+        return
+    from torch import nn
+
+    from ftcluster.model import build_hf_config
+    from ftcluster.model.build import build_meta_model
+
+    model = build_meta_model(job.model, build_hf_config(job.model))
+    names = [n for n, m in model.named_modules() if n]
+    # peft's matching for a list of names: the module's full name, or its name ending in ".<entry>".
+    missing = [t for t in p.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"peft.target_modules: {', '.join(map(repr, missing))} match no module of the model; "
+                          f"its linear modules are {', '.join(linear)} (or use all-linear)")
 
 
 def prepare_run_dir(job: JobConfig, cfg: DictConfig) -> Path:
