@@ -43,9 +43,14 @@ def check_peft_targets(job: JobConfig) -> None:
                           f"its linear modules are {', '.join(linear)} (or use all-linear)")
 
 
+def run_dir_of(job: JobConfig) -> Path:
+    """run.dir, absolute (resolved once, from the cwd the driver started in)."""
+    return Path(os.path.expanduser(job.run.dir)).resolve()
+
+
 def prepare_run_dir(job: JobConfig, cfg: DictConfig) -> Path:
     """Resolve run.dir once (absolute), create it, save the resolved config (secrets redacted)."""
-    run_dir = Path(os.path.expanduser(job.run.dir)).resolve()
+    run_dir = run_dir_of(job)
     ckpt = run_dir / "checkpoints"
     if job.resume == "never" and ckpt.is_dir() and any(p.name.startswith("step_") for p in ckpt.iterdir()):
         raise ConfigError(f"resume: 'never' but {ckpt} already holds checkpoints; use another run.dir or resume=auto")
