@@ -33,7 +33,19 @@ class RunDirLock:
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self, *, wait_s: float = 0.0) -> "RunDirLock":
+        """Take the lock, or raise ConfigError naming the holder. `wait_s`: keep trying that long
+        first (the Slurm job entry: the driver that submitted it may still be releasing it)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._try()
+            except ConfigError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _try(self) -> "RunDirLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

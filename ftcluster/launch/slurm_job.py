@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = RunDirLock(run_dir) if os.environ.get("SLURM_NODEID", "0") == "0" else None
     try:
         if lock is not None:
-            lock.acquire()
+            lock.acquire(wait_s=60)  # the submitting driver releases it once sbatch has returned
         if args.mode == "torchrun":
             return run_torchrun(job, run_dir, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
                                 rdzv_id=args.rdzv_id)
