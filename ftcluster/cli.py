@@ -86,16 +86,24 @@ def drive(cfg) -> int:  # type: ignore[no-untyped-def]
     """Validate a composed config, prepare the run dir, launch. Returns the exit code."""
     from ftcluster.compose import to_job
     from ftcluster.config import ConfigError
-    from ftcluster.driver import check_environment, prepare_run_dir
+    from ftcluster.driver import check_environment, check_resume_config, prepare_run_dir, record_resume, run_dir_of
     from ftcluster.launch import launch
+    from ftcluster.launch.lock import RunDirLock
 
     try:
         job = to_job(cfg)
         check_environment(job)
-        run_dir = prepare_run_dir(job, cfg)
-        # Launchers check what only they can see (the Ray cluster's resources, a Slurm job still
-        # using the run dir) and raise ConfigError for it too: the same message, the same exit code.
-        return launch(job, Path(run_dir))
+        # One run per run dir: locked before anything is written there, held until the launcher
+        # returns (a Slurm job entry takes it over for the job's duration: launch/lock.py).
+        with RunDirLock(run_dir_of(job)):
+            # A resume is checked against its checkpoint's config before config.yaml is rewritten.
+            segment = check_resume_config(job, run_dir_of(job))
+            if segment is not None:
+                record_resume(run_dir_of(job), segment)
+            run_dir = prepare_run_dir(job, cfg)
+            # Launchers check what only they can see (the Ray cluster's resources, a Slurm job still
+            # using the run dir) and raise ConfigError for it too: the same message, the same exit code.
+            return launch(job, Path(run_dir))
     except ConfigError as e:
         print(f"ftcluster: config error: {e}", file=sys.stderr)
         return 2

@@ -103,6 +103,7 @@ def to_job(cfg: DictConfig, *, driver_checks: bool = True) -> JobConfig:
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
     assert isinstance(job, JobConfig)
+    check_finite(job)
     job.validate()
     if driver_checks:
         check_job_paths(job)
@@ -129,6 +130,49 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:
             _refuse_unknown_keys(child, f"{prefix}{key}.")
 
 
+def check_finite(obj: Any, key: str = "") -> None:
+    """Every float in the tree (typed fields and free-form mappings alike) is finite: `optim.lr=inf`
+    would pass `> 0`, and a NaN compares false with everything, so no range check can be trusted
+    to catch them. Raises ConfigError naming the key."""
+    import dataclasses
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(f"{key or '<config>'}: must be a finite number; got {obj}")
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            check_finite(getattr(obj, f.name), f"{key}{'.' if key else ''}{f.name}")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            check_finite(v, f"{key}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_finite(v, f"{key}[{i}]")
+
+
+def check_data_paths(job: JobConfig) -> None:
+    """`data.path` (and `data.eval_path` when the schema has it and it is set) names files that
+    exist: each comma-separated item is an existing file or folder, or a glob matching a file.
+    What the files hold is checked by the data pipeline (ftcluster/data), on the ranks."""
+    import glob
+
+    if job.data.format == "synthetic":
+        return
+    for key in ("path", "eval_path"):
+        value = getattr(job.data, key, None)
+        if not value:
+            continue
+        for item in (p.strip() for p in str(value).split(",")):
+            if not item:
+                continue
+            item = os.path.expanduser(item)
+            if any(c in item for c in "*?["):
+                if not any(os.path.isfile(f) for f in glob.glob(item, recursive=True)):
+                    raise ConfigError(f"data.{key}: pattern {item!r} matches no file")
+            elif not os.path.exists(item):
+                raise ConfigError(f"data.{key}: no such file or directory: {item}")
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or os.path.exists(path)
 
@@ -138,6 +182,7 @@ def check_job_paths(job: JobConfig) -> None:
     and tokenizer directories exist, the model's context against `model.extend_context_to`, and
     an explicit `resume` path is a committed checkpoint. Raises ConfigError naming the key."""
     check_model_paths(job.model)
+    check_data_paths(job)
     if job.resume not in RESUME_KEYWORDS:
         p = Path(job.resume)
         if not (p.is_dir() and (p / "meta.json").is_file()):

@@ -258,6 +258,18 @@ class DataConfig:
     def has_eval(self) -> bool:
         """Whether held-out data is configured."""
         return self.eval_path is not None or self.eval_fraction > 0 or self.eval_samples > 0
+    max_row_chars: Optional[int] = None
+    """Characters of text per row (the sum over the fields the format reads; chat: the turns'
+    contents) above which `overlength` applies before the row reaches the tokenizer, so one huge
+    line cannot exhaust host memory. Unset: 64 x max_seq_len (no usual token is longer than 64
+    characters, so `truncate` keeps the same first max_seq_len tokens). `truncate` cuts the text
+    in rendering order (fields in the order the template places them, chat turns in order, the
+    turn that crosses the cap cut, later turns left out); `drop` and `error` treat the row as
+    longer than max_seq_len."""
+
+    def row_char_cap(self) -> int:
+        """`max_row_chars`, or its default 64 x max_seq_len."""
+        return self.max_row_chars if self.max_row_chars is not None else 64 * self.max_seq_len
 
     def validate(self) -> None:
         _one_of(self.format, "data.format", DATA_FORMATS)
@@ -269,6 +281,8 @@ class DataConfig:
         _one_of(self.overlength, "data.overlength", OVERLENGTH_POLICIES)
         _require(self.max_seq_len >= 2, "data.max_seq_len", f"must be >= 2; got {self.max_seq_len}")
         _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1; got {self.num_proc}")
+        _require(self.max_row_chars is None or self.max_row_chars >= 1, "data.max_row_chars",
+                 f"must be >= 1 (unset: 64 x data.max_seq_len); got {self.max_row_chars}")
         if self.format == "synthetic":
             _require(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
         else:

@@ -3,7 +3,9 @@ validated config comes from `ftcluster.compose.to_job`.)"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -18,11 +20,39 @@ def check_environment(job: JobConfig) -> None:
     from ftcluster.launch import check
 
     check(job)
+    check_peft_targets(job)
+
+
+def check_peft_targets(job: JobConfig) -> None:
+    """Every `peft.target_modules` entry names a module of the model (checked on the meta device:
+    no memory, well under a second for the tiny model), so a typo fails here, naming the modules
+    that exist, instead of as peft's error on every rank. `all-linear` is peft's own keyword."""
+    p = job.peft
+    if p.method == "none" or list(p.target_modules) == ["all-linear"]:
+        return
+    from torch import nn
+
+    from ftcluster.model import build_hf_config
+    from ftcluster.model.build import build_meta_model
+
+    model = build_meta_model(job.model, build_hf_config(job.model))
+    names = [n for n, m in model.named_modules() if n]
+    # peft's matching for a list of names: the module's full name, or its name ending in ".<entry>".
+    missing = [t for t in p.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"peft.target_modules: {', '.join(map(repr, missing))} match no module of the model; "
+                          f"its linear modules are {', '.join(linear)} (or use all-linear)")
+
+
+def run_dir_of(job: JobConfig) -> Path:
+    """run.dir, absolute (resolved once, from the cwd the driver started in)."""
+    return Path(os.path.expanduser(job.run.dir)).resolve()
 
 
 def prepare_run_dir(job: JobConfig, cfg: DictConfig) -> Path:
     """Resolve run.dir once (absolute), create it, save the resolved config (secrets redacted)."""
-    run_dir = Path(os.path.expanduser(job.run.dir)).resolve()
+    run_dir = run_dir_of(job)
     ckpt = run_dir / "checkpoints"
     if job.resume == "never" and ckpt.is_dir() and any(p.name.startswith("step_") for p in ckpt.iterdir()):
         raise ConfigError(f"resume: 'never' but {ckpt} already holds checkpoints; use another run.dir or resume=auto")
@@ -32,3 +62,109 @@ def prepare_run_dir(job: JobConfig, cfg: DictConfig) -> Path:
     container.pop("hydra", None)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(container), sort_keys=False))
     return run_dir
+
+
+# --- resume with a changed config (issue 15, item 6) --------------------------------------------
+
+FROZEN_ON_RESUME = (
+    # The model: weights, shape, tokenizer (token ids) and attention/RoPE all define what the saved
+    # parameters and optimizer state mean. (A moved model.path is refused too: we cannot tell a
+    # move from another model.)
+    "model.",
+    # PEFT shape: the saved adapters and their optimizer state have these shapes and names.
+    # (peft.dropout is training noise and may change.)
+    "peft.method", "peft.rank", "peft.alpha", "peft.target_modules", "peft.trainable_modules",
+    # The seed defines the data order and per-rank RNG streams the saved data position counts in.
+    "seed",
+    # The data files and everything that decides which samples exist and their order: the saved
+    # data position is an index into that order (max_seq_len and overlength change tokenisation,
+    # drops and so the sample list; the fields and template change the samples themselves).
+    "data.path", "data.format", "data.split", "data.max_seq_len", "data.overlength", "data.shuffle",
+    "data.chat_template", "data.messages_field", "data.prompt_field", "data.completion_field",
+    "data.instruction_field", "data.input_field", "data.output_field", "data.text_field",
+    "data.synthetic_samples", "data.max_row_chars",
+    # The checkpoint's layout: an FSDP2 checkpoint is not a DeepSpeed one (world size may change:
+    # loading reshards), and one without the frozen base cannot become one with it.
+    "parallel.backend", "checkpoint.adapter_only",
+)
+"""Keys (exact, or a prefix ending in '.') whose change would make the resumed run continue a
+different run; refused on resume. Everything else (lr, schedule, batch split, cadences,
+max_steps, logger, launcher and world size, debug hooks) may change and is recorded."""
+NOT_RECORDED = ("resume", "run.dir")
+"""Keys that name where a segment starts from, not how it trains."""
+
+
+@dataclass(kw_only=True)
+class ResumeSegment:
+    """A resume that would continue from a committed checkpoint: where, and what changed."""
+    checkpoint: Path
+    step: int
+    changed: dict[str, list]
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def _is_frozen(key: str) -> bool:
+    return any(key.startswith(f) if f.endswith(".") else key == f or key.startswith(f + ".") for f in FROZEN_ON_RESUME)
+
+
+def resume_source(job: JobConfig, run_dir: Path) -> Path | None:
+    """The committed checkpoint the ranks would resume from (`CheckpointManager.resolve`'s rule)."""
+    from ftcluster.checkpoint import committed_checkpoints
+
+    if job.resume == "never":
+        return None
+    if job.resume == "auto":
+        c = committed_checkpoints(run_dir) if (run_dir / "checkpoints").is_dir() else []
+        return c[-1] if c else None
+    return Path(job.resume)
+
+
+def check_resume_config(job: JobConfig, run_dir: Path) -> ResumeSegment | None:
+    """Before any process starts and before config.yaml is rewritten: compare this config with
+    the config of the checkpoint the run would resume from. Frozen keys that differ are refused
+    (ConfigError naming each key with both values); the others are returned for the record."""
+    from ftcluster.compose import load_saved_job
+
+    source = resume_source(job, run_dir)
+    if source is None:
+        return None
+    saved = source / "config.yaml"
+    old = _flat(redact(OmegaConf.to_container(OmegaConf.structured(load_saved_job(saved, driver_checks=False)))))
+    new = _flat(redact(OmegaConf.to_container(OmegaConf.structured(job))))
+    diff = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in NOT_RECORDED}
+    refused = {k: v for k, v in diff.items() if _is_frozen(k)}
+    if refused:
+        lines = "; ".join(f"{k}: {v[0]!r} in the checkpoint, {v[1]!r} now" for k, v in refused.items())
+        raise ConfigError(f"{next(iter(refused))}: cannot change on resume from {source} ({lines}); keep the "
+                          "checkpoint's values, or start a new run (another run.dir, or resume=never)")
+    import json as _json
+
+    step = int(_json.loads((source / "meta.json").read_text()).get("step", 0)) if (source / "meta.json").is_file() else 0
+    return ResumeSegment(checkpoint=source, step=step, changed=diff)
+
+
+def record_resume(run_dir: Path, segment: ResumeSegment) -> None:
+    """Keep the previous segment's config in config_history/<n>-step_<N>.yaml (config.yaml is
+    about to hold this segment's) and list the changes in a config_change event in metrics.jsonl
+    (rank 0 owns that file during a run; the driver writes before any rank starts)."""
+    import json as _json
+
+    previous = run_dir / "config.yaml"
+    if previous.is_file():
+        hist = run_dir / "config_history"
+        hist.mkdir(exist_ok=True)
+        n = len(list(hist.glob("*-step_*.yaml"))) + 1
+        (hist / f"{n}-step_{segment.step}.yaml").write_text(previous.read_text())
+    if segment.changed:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(_json.dumps({"event": "config_change", "step": segment.step, "changed": segment.changed,
+                                 "checkpoint": str(segment.checkpoint)}) + "\n")

@@ -178,7 +178,14 @@ def start_wandb(*, run_dir: Path, logger_cfg, run_name: str, run_id: str | None,
     os.environ.setdefault("WANDB_SILENT", "true")
     run_id = run_id or secrets.token_hex(4)
     # No code or git capture and no console capture: only the redacted config and our metrics leave.
-    settings = wandb.Settings(save_code=False, disable_git=True, console="off")
+    # No run metadata either: W&B's metadata record holds the command line (sys.argv: the Hydra
+    # overrides, secret values included; spawned ranks inherit the driver's argv), the program
+    # path, the host and the environment it ran in. `x_disable_meta` stops that record;
+    # `program` replaces the argv-derived name; no job artifact (it would hold the entry point
+    # and its arguments) and no requirements file.
+    settings = wandb.Settings(save_code=False, disable_code=True, disable_git=True, console="off",
+                              x_disable_meta=True, disable_job_creation=True, x_save_requirements=False,
+                              program="ftcluster")
     run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
                      tags=list(logger_cfg.tags) or None, name=logger_cfg.name or run_name, mode=logger_cfg.mode,
                      dir=str(run_dir), id=run_id, resume="allow", config=config, settings=settings)

@@ -3,6 +3,7 @@
 Three ways to ask a run to stop, all launcher-agnostic:
   SIGUSR1   preempt: checkpoint, stop cleanly, expect to be resumed (train() returns normally)
   SIGTERM   terminate (scancel, time limit, node failure): best-effort checkpoint, then exit 143
+  SIGINT    interrupt (Ctrl-C): checkpoint as for SIGTERM, then exit 130; a second Ctrl-C aborts
   request file  preempt, when $FTCLUSTER_PREEMPT_REQUEST names a file that exists. Rank 0 alone
             looks (one stat per step). The Slurm batch script creates it when Slurm sends the batch
             shell USR1 (`--signal=B:USR1@N`, `scancel --signal=USR1 --batch`): a file reaches ranks
@@ -29,13 +30,15 @@ import torch.distributed as dist
 PREEMPT_REQUEST_ENV = "FTCLUSTER_PREEMPT_REQUEST"
 PREEMPT_SAVED_ENV = "FTCLUSTER_PREEMPT_SAVED"
 
-NONE, PREEMPT, TERMINATE = 0, 1, 2
+NONE, PREEMPT, TERMINATE, INTERRUPT = 0, 1, 2, 3
 """Requests, ordered: when ranks disagree, the strongest wins."""
-REASONS = {PREEMPT: "preempt", TERMINATE: "terminate"}
+REASONS = {PREEMPT: "preempt", TERMINATE: "terminate", INTERRUPT: "interrupt"}
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 """Exit status of a run stopped by SIGTERM (after its best-effort checkpoint), as if killed by it."""
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+"""Exit status of a run stopped by SIGINT (Ctrl-C), after its checkpoint (130, as a shell reports it)."""
 
-_SIGNALS = {signal.SIGUSR1: PREEMPT, signal.SIGTERM: TERMINATE}
+_SIGNALS = {signal.SIGUSR1: PREEMPT, signal.SIGTERM: TERMINATE, signal.SIGINT: INTERRUPT}
 
 
 class StopReason(enum.IntEnum):
@@ -47,13 +50,15 @@ class StopReason(enum.IntEnum):
     """SIGUSR1 or the request file: checkpointed, a clean stop; resume=auto continues."""
     TERMINATED = TERMINATE
     """SIGTERM: checkpointed (best effort), exit as if killed by SIGTERM."""
-    EARLY_STOPPED = 3
+    INTERRUPTED = INTERRUPT
+    """SIGINT (Ctrl-C): checkpointed at the step boundary like SIGTERM, exit 130."""
+    EARLY_STOPPED = 4
     """eval.early_stopping: the metric stopped improving; checkpointed, a successful run (exit 0)."""
 
 
 def exit_code(reason: StopReason) -> int:
     """The process exit code a rank reports for a stop reason."""
-    return TERMINATED_EXIT_CODE if reason == StopReason.TERMINATED else 0
+    return {StopReason.TERMINATED: TERMINATED_EXIT_CODE, StopReason.INTERRUPTED: INTERRUPTED_EXIT_CODE}.get(reason, 0)
 
 
 class StopRequests:
@@ -72,6 +77,10 @@ class StopRequests:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._request = max(self._request, _SIGNALS[signum])  # only a flag: the save happens at a step boundary
+        if signum == signal.SIGINT:
+            # A second Ctrl-C aborts at once: the default action, which ends the process even
+            # inside a collective (a KeyboardInterrupt would wait for it to return).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def local(self) -> int:
         if self._request == NONE and self._is_main and self._request_file and os.path.exists(self._request_file):

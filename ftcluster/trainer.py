@@ -233,7 +233,8 @@ class Trainer:
         newest = self.ckpt.latest() if self.job.checkpoint.enabled else None
         log.info("stopped after step %d (%s); %s", self.progress.step, reason.name.lower(),
                  f"checkpoint {newest}" if newest else "no checkpoint (checkpoint.enabled=false)")
-        self.metrics.event("preempted" if reason == StopReason.PREEMPTED else "terminated", step=self.progress.step,
+        name = {StopReason.PREEMPTED: "preempted", StopReason.INTERRUPTED: "interrupted"}.get(reason, "terminated")
+        self.metrics.event(name, step=self.progress.step,
                            checkpoint=str(newest) if newest else None)
         if reason == StopReason.PREEMPTED:
             self.stops.acknowledge(step=self.progress.step, checkpoint=newest)  # the Slurm job requeues on this

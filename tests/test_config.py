@@ -41,6 +41,7 @@ def test_every_shipped_option_composes_and_validates(group: str, tmp_path: Path)
         if group == "model" and opt == "local":
             extra += ["model.path=" + job().model.path]  # the embedded tiny model's directory
         if group == "data" and opt == "jsonl":
+            (tmp_path / "x.jsonl").write_text('{"messages": []}\n')  # data paths must exist (checked at compose)
             extra = [f"data.path={tmp_path / 'x.jsonl'}"]
         j = job(f"{group}={opt}", *extra)
         # The option's own scalar values reached the typed config (a group that composed but was

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env, committed_steps, events, explain, losses, records, run_cli, train_ok
+from conftest import cli_env, committed_steps, events, explain, losses, run_cli, train_ok
 from ftcluster.compose import compose_job
 from ftcluster.config import EvalConfig
 from ftcluster.data.errors import DataError

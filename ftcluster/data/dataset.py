@@ -19,7 +19,7 @@ from datasets.fingerprint import Hasher
 from ftcluster.config import DataConfig
 from ftcluster.data import formats
 from ftcluster.data.errors import DataError, RowError
-from ftcluster.data.sources import Source, load_rows, resolve
+from ftcluster.data.sources import Source, check_json_file, load_rows, resolve
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,13 @@ def build_dataset(cfg: DataConfig, *, tokenizer: Any, seed: int, vocab_size: int
         rows = _tokenize(raw, cfg=cfg, encoder=encoder, source=source, tokenizer=tokenizer)
     except RowError as e:
         raise DataError(f"{source.locate(e.row)}: {e.message}") from None
+    except UnicodeDecodeError as e:
+        # The datasets JSON reader keeps invalid UTF-8 as bytes and fails only when a row is read:
+        # find the file and line ourselves.
+        if source.loader == "json":
+            for f in source.files:
+                check_json_file(f)
+        raise DataError(f"data.path: {cfg.path}: not valid UTF-8 ({e.reason})") from None
 
     counts = rows.select_columns(["status", "length", "targets"]).with_format("numpy")[:]
     status = counts["status"]
@@ -203,7 +210,7 @@ def _tokenize(raw: datasets.Dataset, *, cfg: DataConfig, encoder: formats.Encode
     # the raw rows, the tokenizer, and every setting that changes the output.
     fingerprint = Hasher.hash((
         _CACHE_VERSION, raw._fingerprint, tokenizer, cfg.format, cfg.chat_template, cfg.max_seq_len,
-        cfg.overlength, formats.required_fields(cfg), formats.optional_fields(cfg)))
+        cfg.overlength, formats.required_fields(cfg), formats.optional_fields(cfg), cfg.row_char_cap()))
     cache_file = None
     if source.saved_dir is not None:
         # datasets would write its cache next to the saved files; keep the user's folder untouched.
@@ -211,7 +218,8 @@ def _tokenize(raw: datasets.Dataset, *, cfg: DataConfig, encoder: formats.Encode
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
     return raw.map(
         _encode_batch,
-        fn_kwargs={"encoder": encoder, "max_seq_len": cfg.max_seq_len, "overlength": cfg.overlength},
+        fn_kwargs={"encoder": encoder, "max_seq_len": cfg.max_seq_len, "overlength": cfg.overlength,
+                   "fields": formats.text_fields(cfg), "max_row_chars": cfg.row_char_cap()},
         batched=True,
         with_indices=True,
         remove_columns=raw.column_names,
@@ -224,11 +232,27 @@ def _tokenize(raw: datasets.Dataset, *, cfg: DataConfig, encoder: formats.Encode
 
 
 def _encode_batch(batch: dict[str, list], rows: list[int], *, encoder: formats.Encoder, max_seq_len: int,
-                  overlength: str) -> dict[str, list]:
+                  overlength: str, fields: list[str], max_row_chars: int) -> dict[str, list]:
     out: dict[str, list] = {k: [] for k in _FEATURES}
-    for row, (ids, mask) in zip(rows, encoder(batch, rows)):
+    # The row cap, before the tokenizer sees anything (one huge line must not exhaust host memory):
+    # over data.max_row_chars a row is cut (truncate), or counts as over-length (drop, error).
+    over_chars = set()
+    for i, row in enumerate(rows):
+        if formats.cap_row_chars(batch, i, fields=fields, cap=max_row_chars, cut=overlength == "truncate"):
+            if overlength == "error":
+                raise RowError(row, f"more than data.max_row_chars={max_row_chars} characters of text "
+                                    "(data.overlength=error; use truncate or drop)")
+            if overlength == "drop":
+                over_chars.add(i)
+    # Rows dropped by the cap are never encoded: they get empty ids and the over-length status.
+    read = [i for i in range(len(rows)) if i not in over_chars]
+    encoded = iter(encoder({k: [v[i] for i in read] for k, v in batch.items()}, [rows[i] for i in read]))
+    for i, row in enumerate(rows):
+        ids, mask = ([], []) if i in over_chars else next(encoded)
         length, status = len(ids), KEPT
-        if length > max_seq_len:
+        if i in over_chars:
+            status = DROPPED_OVERLENGTH
+        elif length > max_seq_len:
             if overlength == "error":
                 raise RowError(row, f"{length} tokens, more than data.max_seq_len={max_seq_len} "
                                     "(data.overlength=error; use truncate or drop)")

@@ -234,3 +234,46 @@ class TextEncoder:
 
 def _join(unsupervised: list[int], supervised: list[int]) -> Encoded:
     return unsupervised + supervised, [False] * len(unsupervised) + [True] * len(supervised)
+
+
+def text_fields(cfg: DataConfig) -> list[str]:
+    """The columns a format renders, in the order the rendering places them (for the row cap)."""
+    return {"messages": [cfg.messages_field], "prompt_completion": [cfg.prompt_field, cfg.completion_field],
+            "alpaca": [cfg.instruction_field, cfg.input_field, cfg.output_field], "text": [cfg.text_field]}[cfg.format]
+
+
+def cap_row_chars(batch: dict[str, list], i: int, *, fields: list[str], cap: int, cut: bool) -> bool:
+    """Whether row i of the batch holds more than `cap` characters of text (string fields, and the
+    contents of chat turns), counted in rendering order. With `cut`, the row is cut in place to
+    `cap` characters: the field (or turn) that crosses the cap is cut, later ones emptied (chat:
+    later turns left out), so the tokenizer never sees the whole of a huge row. Values of the wrong
+    type are left for the encoder to report."""
+    budget = cap
+    over = False
+    for f in fields:
+        if f not in batch:
+            continue
+        v = batch[f][i]
+        if isinstance(v, str):
+            if len(v) > budget:
+                over = True
+                if cut:
+                    batch[f][i] = v[:budget]
+            budget = max(0, budget - len(v))
+        elif isinstance(v, list):  # chat turns
+            kept = []
+            for turn in v:
+                content = turn.get("content") if isinstance(turn, dict) else None
+                if isinstance(content, str) and len(content) > budget:
+                    over = True
+                    if cut and budget > 0:
+                        kept.append({**turn, "content": content[:budget]})
+                    budget = 0
+                    if cut:
+                        break
+                    continue
+                kept.append(turn)
+                budget -= len(content) if isinstance(content, str) else 0
+            if cut and over:
+                batch[f][i] = kept
+    return over

@@ -17,9 +17,26 @@ def check(job: JobConfig) -> None:
     n = hosts.local_world_size(launcher)
     if gpus and n > gpus:
         raise ConfigError(f"launcher.nproc_per_node: {n} ranks but only {gpus} visible GPUs on this host")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not gpus and n > cpus:
+        # CPU ranks beyond the cores only thrash (each rank holds a model copy's worth of memory).
+        raise ConfigError(f"launcher.nproc_per_node: {n} CPU ranks but this host has only {cpus} CPU cores "
+                          "available to this process")
+    check_debug_ranks(job, world_size=n)
     if job.parallel.cpu_offload and job.parallel.backend == "fsdp2" and not gpus:  # ZeRO offload runs on CPU ranks
         raise ConfigError("parallel.cpu_offload: needs GPUs (FSDP2 offloads from an accelerator; on a CPU-only "
                           "host the parameters already live in host memory)")
+
+
+def check_debug_ranks(job: JobConfig, *, world_size: int) -> None:
+    """A debug hook aimed at a rank that does not exist would never fire (the test it serves would
+    pass for the wrong reason). Only where the world size is known in the driver."""
+    d = job.debug
+    for step_key, rank_key in (("fail_at_step", "fail_rank"), ("nan_at_step", "nan_rank")):
+        rank = getattr(d, rank_key)
+        if getattr(d, step_key) and not 0 <= rank < world_size:
+            raise ConfigError(f"debug.{rank_key}: rank {rank} does not exist (world size {world_size}, ranks "
+                              f"0..{world_size - 1}); debug.{step_key}={getattr(d, step_key)} would never fire")
 
 
 def launch_local(job: JobConfig, run_dir: Path) -> int:

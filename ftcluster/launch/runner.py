@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ftcluster.config import JobConfig
-from ftcluster.preemption import TERMINATED_EXIT_CODE, StopReason, exit_code
+from ftcluster.preemption import INTERRUPTED_EXIT_CODE, TERMINATED_EXIT_CODE, StopReason, exit_code
 
 
 def train_rank(job: JobConfig, run_dir: Path, *, on_log: Callable[[dict], None] | None = None) -> int:
@@ -59,9 +59,20 @@ def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  #
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     stopped = f"ftcluster: {where}stopped by SIGTERM; the newest committed checkpoint is in {run_dir / 'checkpoints'}"
+    # Ctrl-C signals the whole foreground process group, ranks included: they checkpoint at the
+    # next log point and exit 130 (preemption.py). The agent here must not treat SIGINT as its
+    # death signal (it would kill the ranks mid-save), so it handles only the others, and this
+    # process waits for the ranks. A second Ctrl-C aborts: the agent stops the ranks at once.
+    if hasattr(config, "signals_to_handle"):
+        config.signals_to_handle = "SIGTERM,SIGHUP,SIGQUIT"
+    previous_int = _install_interrupt_handler(where) if _main_thread() else None
     try:
         elastic_launch(config, rank_entry)(job, str(run_dir))
     except SignalException as e:
+        if e.sigval == signal.SIGINT:
+            print(f"ftcluster: {where}aborted by a second Ctrl-C; the newest committed checkpoint is in "
+                  f"{run_dir / 'checkpoints'}", file=sys.stderr, flush=True)
+            return INTERRUPTED_EXIT_CODE
         # This process got SIGTERM too (scancel signals every process of the job; a user may signal
         # only the launcher): torch elastic passed it on to the ranks, which checkpoint and stop
         # (train.py), and waited for them. Not a crash; exit as a process killed by SIGTERM would.
@@ -70,6 +81,11 @@ def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  #
         print(stopped, file=sys.stderr, flush=True)
         return TERMINATED_EXIT_CODE
     except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if INTERRUPTED_EXIT_CODE in codes and codes <= {INTERRUPTED_EXIT_CODE, TERMINATED_EXIT_CODE}:
+            print(f"ftcluster: {where}interrupted (Ctrl-C); checkpoint saved: {_newest_checkpoint(run_dir)}",
+                  file=sys.stderr, flush=True)
+            return INTERRUPTED_EXIT_CODE
         if all(f.exitcode == TERMINATED_EXIT_CODE for f in e.failures.values()):
             # Only the ranks got SIGTERM: they agreed on it, checkpointed and exited 143 on purpose.
             print(stopped, file=sys.stderr, flush=True)
@@ -78,7 +94,38 @@ def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  #
         return 1
     finally:
         quiet.setLevel(level)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _install_interrupt_handler(where: str):  # type: ignore[no-untyped-def]
+    """First SIGINT: say so and keep waiting for the ranks' checkpoint; second: abort (raised as
+    torch elastic's SignalException, so its agent stops the ranks). Returns the previous handler."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def first(signum, frame) -> None:  # type: ignore[no-untyped-def]
+        print(f"ftcluster: {where}interrupted: the ranks checkpoint at the next log point; Ctrl-C again to abort",
+              file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, second)
+
+    def second(signum, frame) -> None:  # type: ignore[no-untyped-def]
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+    return signal.signal(signal.SIGINT, first)
+
+
+def _newest_checkpoint(run_dir: Path) -> str:
+    from ftcluster.checkpoint import committed_checkpoints
+
+    c = committed_checkpoints(run_dir)
+    return str(c[-1]) if c else f"none committed in {run_dir / 'checkpoints'}"
 
 
 def _report_failed_ranks(failures: dict, *, run_dir: Path, where: str) -> None:

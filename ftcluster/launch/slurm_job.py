@@ -193,9 +193,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftcluster: {args.config} is not a launcher=slurm config", file=sys.stderr)
         return 2
     run_dir = args.run_dir.resolve()
-    if args.mode == "torchrun":
-        return run_torchrun(job, run_dir, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
-    return run_ray(job, run_dir, address=args.address, nodes=args.nodes, wait_s=args.wait_s)
+    # One run per run dir (launch/lock.py): the job's first node holds the lock for the job's
+    # duration (the submitting driver released it when sbatch returned). Only this entry takes it,
+    # never the ranks, and a requeued job is a new entry process, so nothing waits on it.
+    from ftcluster.launch.lock import RunDirLock
+
+    lock = RunDirLock(run_dir) if os.environ.get("SLURM_NODEID", "0") == "0" else None
+    try:
+        if lock is not None:
+            lock.acquire(wait_s=60)  # the submitting driver releases it once sbatch has returned
+        if args.mode == "torchrun":
+            return run_torchrun(job, run_dir, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+                                rdzv_id=args.rdzv_id)
+        return run_ray(job, run_dir, address=args.address, nodes=args.nodes, wait_s=args.wait_s)
+    except ConfigError as e:
+        print(f"ftcluster: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":
