@@ -30,12 +30,14 @@ def check_peft_targets(job: JobConfig) -> None:
     p = job.peft
     if p.method == "none" or list(p.target_modules) == ["all-linear"]:
         return
+    import dataclasses
+
     from torch import nn
 
-    from ftcluster.model import build_hf_config
-    from ftcluster.model.build import build_meta_model
+    from ftcluster.model import build_module
 
-    model = build_meta_model(job.model, build_hf_config(job.model))
+    # The base model without adapters (with them, peft itself would fail on the missing name).
+    model = build_module(dataclasses.replace(job, peft=dataclasses.replace(p, method="none"))).hf_model
     names = [n for n, m in model.named_modules() if n]
     # peft's matching for a list of names: the module's full name, or its name ending in ".<entry>".
     missing = [t for t in p.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
