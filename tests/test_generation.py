@@ -126,9 +126,9 @@ def test_prompts_from_rows_per_format() -> None:
 
 
 @pytest.mark.parametrize("content, where, what", [
-    (b'{"prompt": "ok"}\n{"prompt": broken\n', ":2:", "not valid JSON"),
+    (b'{"prompt": "ok"}\n{"prompt": broken\n', ":2:", "malformed JSON"),
     (b'{"prompt": "ok"}\n\n{"reference": "only"}\n', ":3:", "needs \"messages\""),
-    (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', ":2:", "not UTF-8"),
+    (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', ":2:", "not valid UTF-8"),
     (b'{"messages": [{"role": "wizard", "content": "x"}]}\n', ":1:", "role must be one of"),
 ])
 def test_bad_prompt_files_name_file_and_line(tmp_path: Path, content: bytes, where: str, what: str) -> None:
@@ -146,7 +146,7 @@ def test_prompt_file_loads_and_a_bad_one_fails_at_compose(tmp_path: Path) -> Non
     assert ps == [Prompt(text="hi", reference="hello"), Prompt(messages=[{"role": "user", "content": "q"}])]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi"}\nnot json\n')
-    with pytest.raises(ConfigError, match=f"{bad}:2: not valid JSON"):
+    with pytest.raises(ConfigError, match=f"{bad}:2: malformed JSON"):
         compose_job(f"eval.prompts_path={bad}")
     with pytest.raises(ConfigError, match="^eval.prompts_path: no such file"):
         compose_job(f"eval.prompts_path={tmp_path / 'missing.jsonl'}")

@@ -118,26 +118,33 @@ def load_rows(source: Source, *, split: str) -> datasets.Dataset:
         raise DataError(f"data.path: could not load {source.path}: {type(cause).__name__}: {cause}") from e
 
 
+def json_lines(path: str):  # type: ignore[no-untyped-def]
+    """(line number, object) of each non-blank line of a JSON Lines file; DataError naming
+    `file:line` for bytes that are not UTF-8, malformed JSON, or a line that is not an object."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected one JSON object per line, got {type(obj).__name__}")
+            yield lineno, obj
+
+
 def check_json_file(path: str) -> None:
     """Raise `DataError("file:line: ...")` for the first malformed line (JSON Lines) or the parse
     error (one JSON document), or for an empty file. Returns if the file is fine."""
     if _is_json_lines(path):
         seen = False
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                if not line:
-                    continue
-                seen = True
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected one JSON object per line, got {type(obj).__name__}")
+        for _ in json_lines(path):
+            seen = True
         if not seen:
             raise DataError(f"{path}: no rows (empty file)")
         return

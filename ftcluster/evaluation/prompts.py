@@ -2,7 +2,6 @@
 the first eval samples, rendered exactly as training renders the text before an answer."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,23 +33,11 @@ def check_prompts_file(path: str) -> None:
 
 
 def _read_prompt_file(path: Path) -> list[Prompt]:
-    out: list[Prompt] = []
-    try:
-        lines = path.read_bytes().split(b"\n")
-    except OSError as e:
-        raise DataError(f"eval.prompts_path: cannot read {path}: {e.strerror}") from None
-    for n, raw in enumerate(lines, start=1):
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        out.append(_prompt_of(row, where=f"{path}:{n}"))
+    from ftcluster.data.sources import json_lines
+
+    if not path.is_file():
+        raise DataError(f"eval.prompts_path: no such file: {path}")
+    out = [_prompt_of(row, where=f"{path}:{n}") for n, row in json_lines(str(path))]
     if not out:
         raise DataError(f"eval.prompts_path: {path} holds no prompt")
     return out
