@@ -18,7 +18,7 @@ from ftcluster.quant import is_nf4_param
 
 
 @dataclass(frozen=True, kw_only=True)
-class Shard:
+class LocalSlice:
     """The part of one parameter this rank holds, as the parallel engine describes it."""
     local: torch.Tensor
     """The tensor to write (this rank's storage)."""
@@ -30,13 +30,13 @@ class Shard:
     """The parameter's global (logical) shape."""
 
 
-ShardView = Callable[[torch.Tensor], Shard]
+ShardView = Callable[[torch.Tensor], LocalSlice]
 """The engine's answer to "which part of this parameter is mine" (parallel/ implements it)."""
 
 
-def whole_tensor(param: torch.Tensor) -> Shard:
+def whole_tensor(param: torch.Tensor) -> LocalSlice:
     """An unsharded parameter: all of it."""
-    return Shard(local=param.data, index=tuple(slice(0, s) for s in param.shape), flat=None, shape=param.shape)
+    return LocalSlice(local=param.data, index=tuple(slice(0, s) for s in param.shape), flat=None, shape=param.shape)
 
 
 PEFT_PREFIX = "base_model.model."

@@ -81,7 +81,7 @@ import torch.nn as nn
 from ftcluster.config import ConfigError, JobConfig
 from ftcluster.data.batch import Batch
 from ftcluster.distributed import Dist, barrier
-from ftcluster.model.weights import Shard, whole_tensor
+from ftcluster.model.weights import LocalSlice, whole_tensor
 from ftcluster.optim import build_optimizer, param_groups, set_lr
 
 if TYPE_CHECKING:
@@ -477,7 +477,7 @@ class Engine:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
 
-def shard_view(param: torch.Tensor) -> Shard:
+def shard_view(param: torch.Tensor) -> LocalSlice:
     """This rank's part of a parameter. ZeRO-3: this rank holds `ds_tensor`, elements [start, end)
     of the flattened tensor (the last rank's partition is zero-padded); the block of whole rows
     covering it is what to read. ZeRO-1/2 parameters are whole on every rank."""
@@ -492,12 +492,12 @@ def shard_view(param: torch.Tensor) -> Shard:
     local = param.ds_tensor.view(-1)
     local.zero_()  # the padding of the last partition
     if start >= end:
-        return Shard(local=local[:0], index=(), flat=None, shape=shape)
+        return LocalSlice(local=local[:0], index=(), flat=None, shape=shape)
     row = 1
     for s in shape[1:]:
         row *= s
     r0, r1 = start // row, -(-end // row)
-    return Shard(local=local[: end - start], index=(slice(r0, r1),), flat=slice(start - r0 * row, end - r0 * row),
+    return LocalSlice(local=local[: end - start], index=(slice(r0, r1),), flat=slice(start - r0 * row, end - r0 * row),
                  shape=shape)
 
 

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from ftcluster.config import JobConfig
 from ftcluster.data.batch import Batch
 from ftcluster.distributed import Dist
-from ftcluster.model.weights import Shard, whole_tensor
+from ftcluster.model.weights import LocalSlice, whole_tensor
 from ftcluster.optim import build_optimizer, set_lr
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class Engine:
                        options=StateDictOptions(strict=False))
 
 
-def shard_view(param: torch.Tensor) -> Shard:
+def shard_view(param: torch.Tensor) -> LocalSlice:
     """This rank's part of an FSDP2 parameter: a DTensor's local shard and where it sits."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -183,7 +183,7 @@ def shard_view(param: torch.Tensor) -> Shard:
     if not isinstance(param, DTensor):
         return whole_tensor(param)
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return Shard(local=param.to_local(), index=tuple(slice(o, o + s) for o, s in zip(offset, shape)), flat=None,
+    return LocalSlice(local=param.to_local(), index=tuple(slice(o, o + s) for o, s in zip(offset, shape)), flat=None,
                  shape=param.shape)
 
 
