@@ -126,6 +126,16 @@ class TrainModule(nn.Module):
         return self.objective.head(hidden, hf.get_output_embeddings().weight, batch)
 
 
+def greedy_generate(hf_model: nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    max_new_tokens: int, eos_token_id: int | None, pad_token_id: int,
+                    synced_gpus: bool) -> torch.Tensor:
+    """transformers' greedy decoding with the KV cache on (training builds the config with
+    use_cache=False) and every sampling setting pinned, whatever the model's generation config."""
+    return hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+                             synced_gpus=synced_gpus)
+
+
 @dataclass(kw_only=True)
 class BuiltModule:
     module: TrainModule

@@ -81,6 +81,7 @@ import torch.nn as nn
 from ftcluster.config import ConfigError, JobConfig
 from ftcluster.data.batch import Batch
 from ftcluster.distributed import Dist, barrier
+from ftcluster.model.build import greedy_generate
 from ftcluster.model.weights import LocalSlice, whole_tensor
 from ftcluster.optim import build_optimizer, param_groups, set_lr
 
@@ -413,10 +414,9 @@ class Engine:
         # lockstep (every forward is collective under ZeRO-3) until all of them are done.
         self.ds.eval()
         try:
-            return self.module.hf_model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
-                synced_gpus=self.stage == 3 and self.dist.world_size > 1)
+            return greedy_generate(self.module.hf_model, input_ids=input_ids, attention_mask=attention_mask,
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, synced_gpus=self.stage == 3 and self.dist.world_size > 1)
         finally:
             self.ds.train()
 

@@ -27,6 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from ftcluster.config import JobConfig
 from ftcluster.data.batch import Batch
 from ftcluster.distributed import Dist
+from ftcluster.model.build import greedy_generate
 from ftcluster.model.weights import LocalSlice, whole_tensor
 from ftcluster.optim import build_optimizer, set_lr
 
@@ -109,10 +110,9 @@ class Engine:
             for m in layers:
                 m.set_reshard_after_forward(False, recurse=False)
         try:
-            return self.module.hf_model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
-                synced_gpus=self.dist.world_size > 1)
+            return greedy_generate(self.module.hf_model, input_ids=input_ids, attention_mask=attention_mask,
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, synced_gpus=self.dist.world_size > 1)
         finally:
             for m in layers if keep else []:
                 m.reshard()
