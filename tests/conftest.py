@@ -13,6 +13,17 @@ from ftcluster.compose import compose_job  # noqa: F401 - tests import it from h
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Tests that start a Ray cluster or submit to the one-node Slurm share those services (Ray's session
+# dir, the Slurm node's CPUs): under pytest-xdist (the README's `-n 2 --dist loadgroup`) they all run
+# on one worker, one after another, while the other worker takes the rest of the suite.
+CLUSTER_TEST_FILES = frozenset({"test_ray.py", "test_slurm.py", "test_sweep.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in CLUSTER_TEST_FILES:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
