@@ -41,7 +41,7 @@ def test_zero3_lora_dpo_kill_9_resume_is_bit_identical(tmp_path: Path) -> None:
     a, b = losses(ref), losses(run)
     assert sorted(a) == list(range(1, 13))
     assert [b[s] for s in range(9, 13)] == [a[s] for s in range(9, 13)]
-    assert a[1] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy == reference at step 1
+    assert a[1] == pytest.approx(math.log(2), abs=5e-3)  # LoRA B = 0: policy == reference at step 1 (bf16)
     step = [r for r in records(ref) if "loss" in r][-1]
     for key in DPO_METRICS:
         assert key in step and math.isfinite(step[key]), key
@@ -56,15 +56,20 @@ def test_fsdp2_full_dpo_precomputed_reference_kill_9_and_2_to_1_ranks(tmp_path: 
     dir; a kill -9 after step 4 resumes on 2 ranks with identical losses and on 1 rank (same global
     batch) with the same losses to float tolerance, both reading the stored reference, not
     recomputing it from trained weights."""
+    # fp32: in bf16 the same forward in another batch shape differs by rounding (~1e-2 nats per
+    # sequence on CPU), and step 1 must show the stored reference equal to the on-the-fly policy.
     common = ["objective=dpo", "peft=none", "parallel=fsdp2", "train.max_steps=8", "checkpoint.every_steps=4",
-              "eval.every_steps=4", *FAST_EVAL]
+              "eval.every_steps=4", "train.dtype=fp32", *FAST_EVAL]
     two = [*common, "launcher.nproc_per_node=2", "train.micro_batch_size=4"]
     ref = tmp_path / "ref"
     train_ok(*two, run=ref, cwd=tmp_path)
     made = events(ref, "reference")
     assert {e["split"] for e in made} == {"train", "eval"} and all(e["computed"] for e in made)
     assert made[0]["pairs"] == 600 and (ref / "reference_logps.train.safetensors").is_file()
-    assert losses(ref)[1] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy == reference
+    step1 = [r for r in records(ref) if r.get("step") == 1 and "loss" in r][0]
+    # Step 1: the policy (computed on the fly, in the training forward) equals the stored reference.
+    assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(step1["rewards/chosen"]) < 1e-5 and abs(step1["rewards/rejected"]) < 1e-5
 
     run = tmp_path / "X"
     p = run_cli("train", *two, f"run.dir={run}", "debug.kill_at_step=4", cwd=tmp_path, new_session=True)
