@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ftcluster.config import (
     LAUNCHER_SCHEMAS,
+    OBJECTIVE_SCHEMAS,
     PARALLEL_SCHEMAS,
     RESUME_KEYWORDS,
     ConfigError,
@@ -28,6 +29,7 @@ from ftcluster.config import (
     ModelConfig,
     check_context_extension,
     is_secret_name,
+    objective_schema,
     parallel_schema,
 )
 
@@ -61,6 +63,8 @@ def register_configs() -> None:
         cs.store(name=f"launcher_{name}_schema", node=node)
     for name, node in PARALLEL_SCHEMAS.items():
         cs.store(name=f"parallel_{name}_schema", node=node)
+    for name, node in OBJECTIVE_SCHEMAS.items():
+        cs.store(name=f"objective_{name}_schema", node=node)
 
 
 def conf_dir() -> Path:
@@ -252,7 +256,7 @@ def compose_job(*overrides: str) -> JobConfig:
 def load_saved_job(path: Path, *, driver_checks: bool = True) -> JobConfig:
     """A resolved config.yaml a run saved (`driver.prepare_run_dir`, copied into each checkpoint)
     -> the JobConfig it was made from. The variant groups (`launcher`, `parallel`) are re-typed with
-    the schema their `kind`/`backend` names, so unknown keys and wrong types fail as at compose.
+    the schema their `kind`/`backend` names (and `objective`), so unknown keys and wrong types fail as at compose.
     `driver_checks=True` runs every check `to_job` runs (the Slurm job re-reading its config);
     False only the pure `validate()`, for a config that outlived its run (export: the resume
     checkpoint may be rotated away; the export checks what it reads itself)."""
@@ -261,6 +265,7 @@ def load_saved_job(path: Path, *, driver_checks: bool = True) -> JobConfig:
         raise ConfigError(f"{path}: not a resolved ftcluster config")
     _upgrade_saved(data)
     launcher, parallel = data.pop("launcher"), data.pop("parallel", None) or {}
+    objective = data.pop("objective", None) or {"kind": "sft"}  # saved before objectives were a group: SFT
     schema = LAUNCHER_SCHEMAS.get(str(launcher.get("kind")))
     if schema is None:
         raise ConfigError(f"launcher.kind: unknown launcher {launcher.get('kind')!r} in {path}")
@@ -268,6 +273,7 @@ def load_saved_job(path: Path, *, driver_checks: bool = True) -> JobConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), data)
         cfg.launcher = OmegaConf.merge(OmegaConf.structured(schema), launcher)
         cfg.parallel = OmegaConf.merge(OmegaConf.structured(parallel_schema(str(parallel.get("backend")))), parallel)
+        cfg.objective = OmegaConf.merge(OmegaConf.structured(objective_schema(str(objective.get("kind")))), objective)
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
     return to_job(cfg, driver_checks=driver_checks)

@@ -241,6 +241,12 @@ class DataConfig:
     """`format=alpaca`: column of the response (supervised)."""
     text_field: str = "text"
     """`format=text`: column of the text (every token supervised)."""
+    chosen_field: str = "chosen"
+    """`objective=dpo`: column of the preferred response (a string with `format=prompt_completion`;
+    a list of assistant turns, usually one, with `format=messages`, whose `messages_field` then
+    holds the prompt turns)."""
+    rejected_field: str = "rejected"
+    """`objective=dpo`: column of the dispreferred response (same shape as `chosen_field`)."""
     synthetic_samples: int = 4096
     """Number of random samples for `format=synthetic` (each exactly max_seq_len tokens)."""
     num_proc: int = 1
@@ -325,6 +331,81 @@ class PeftConfig:
                  "only with an adapter method (peft=none trains every parameter already)")
         _require(all(bool(m) and not m.startswith(".") and not m.endswith(".") for m in self.trainable_modules),
                  "peft.trainable_modules", f"entries must be module names like embed_tokens; got {self.trainable_modules}")
+
+
+# --- objective: one schema per training objective (`objective=sft|dpo`) -------------------------
+OBJECTIVE_KINDS = ("sft", "dpo")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
+REFERENCE_FREE_LOSSES = ("simpo",)
+REFERENCE_SOURCES = ("auto", "adapters", "precompute")
+
+
+@dataclass(kw_only=True)
+class SFTObjectiveConfig:
+    """`objective=sft`: token-level cross-entropy on the supervised tokens (ftcluster/objectives/sft.py)."""
+    kind: str = "sft"
+    """Objective name (`sft`)."""
+
+    def validate(self) -> None:
+        _require(self.kind == "sft", "objective.kind", f"must be sft for this schema; got {self.kind!r}")
+
+
+@dataclass(kw_only=True)
+class DPOObjectiveConfig:
+    """`objective=dpo`: preference optimisation on (prompt, chosen, rejected) pairs
+    (ftcluster/objectives/dpo.py). Log-probs are sums over a response's tokens (SimPO: means)."""
+    kind: str = "dpo"
+    """Objective name (`dpo`)."""
+    loss: str = "sigmoid"
+    """`sigmoid`: DPO, -log sigmoid(beta * (policy log-ratio - reference log-ratio)) (Rafailov et al.
+    2023, arXiv:2305.18290). `ipo`: (log-ratio difference - 1 / (2 beta))^2 (Azar et al. 2023,
+    arXiv:2310.12036). `simpo`: reference-free, -log sigmoid(beta * (mean log-prob of chosen - of
+    rejected) - simpo_gamma) (Meng et al. 2024, arXiv:2405.14734)."""
+    beta: float = 0.1
+    """DPO/IPO: the KL penalty's strength (IPO: the target margin is 1 / (2 beta)); SimPO: the
+    reward scale (the paper uses 2.0-2.5)."""
+    label_smoothing: float = 0.0
+    """sigmoid/simpo: probability that a pair's preference label is flipped (conservative DPO,
+    Mitchell 2023), in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin gamma, in reward units (the paper's gamma; 0.5-1.6 there)."""
+    reference: str = "auto"
+    """Where reference log-probs come from (DPO/IPO; SimPO needs none): `adapters` (LoRA/QLoRA: the
+    same sharded model with its adapters disabled, one extra no-grad forward per micro-batch),
+    `precompute` (one sharded no-grad pass over every training and held-out pair before step 1,
+    stored in `<run.dir>/reference_logps.safetensors` keyed by row, reused on resume at any world
+    size), `auto`: adapters with an adapter method, precompute for full fine-tuning."""
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss in REFERENCE_FREE_LOSSES
+
+    def reference_source(self, peft_method: str) -> str:
+        """`none`, `adapters` or `precompute`: `reference` with `auto` resolved for `peft_method`."""
+        if self.reference_free:
+            return "none"
+        if self.reference != "auto":
+            return self.reference
+        return "precompute" if peft_method == "none" else "adapters"
+
+    def validate(self) -> None:
+        _require(self.kind == "dpo", "objective.kind", f"must be dpo for this schema; got {self.kind!r}")
+        _one_of(self.loss, "objective.loss", PREFERENCE_LOSSES)
+        _require(self.beta > 0, "objective.beta", f"must be > 0; got {self.beta}")
+        _require(0.0 <= self.label_smoothing < 0.5, "objective.label_smoothing",
+                 f"must be in [0, 0.5); got {self.label_smoothing}")
+        _require(self.simpo_gamma >= 0, "objective.simpo_gamma", f"must be >= 0; got {self.simpo_gamma}")
+        _one_of(self.reference, "objective.reference", REFERENCE_SOURCES)
+
+
+OBJECTIVE_SCHEMAS: dict[str, type] = {"sft": SFTObjectiveConfig, "dpo": DPOObjectiveConfig}
+"""`objective.kind` (ConfigStore `objective_<kind>_schema`) -> dataclass."""
+
+
+def objective_schema(kind: str) -> type:
+    """The schema of an `objective.kind` value. Raises ConfigError for an unknown kind."""
+    _one_of(kind, "objective.kind", OBJECTIVE_KINDS)
+    return OBJECTIVE_SCHEMAS[kind]
 
 
 # --- parallel: one schema per backend family (`parallel=fsdp2|zero1|zero2|zero3`) ---------------
@@ -839,6 +920,8 @@ class JobConfig:
     """Training data and its rendering (`data=sample_chat|jsonl|synthetic`)."""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """Parameter-efficient fine-tuning (`peft=none|lora|qlora|longlora`)."""
+    objective: Any = MISSING
+    """SFTObjectiveConfig or DPOObjectiveConfig (`objective=sft|dpo`): what loss the loop minimises."""
     parallel: Any = MISSING
     """FSDP2Config or ZeroConfig (`parallel=fsdp2|zero1|zero2|zero3|...`): variants with their own keys."""
     launcher: Any = MISSING
@@ -858,7 +941,7 @@ class JobConfig:
 
     def validate(self) -> "JobConfig":
         """Check every group, then the cross-field rules. Raises ConfigError naming the key."""
-        for group in (self.run, self.model, self.data, self.peft, self.parallel, self.launcher,
+        for group in (self.run, self.model, self.data, self.peft, self.objective, self.parallel, self.launcher,
                       self.train, self.optim, self.checkpoint, self.eval, self.logger, self.debug):
             group.validate()
         self._validate_eval()
@@ -869,6 +952,7 @@ class JobConfig:
                      "a tokenizer directory is required to tokenise data (or use data.format=synthetic)")
         _require(self.debug.fail_at_step <= self.train.max_steps, "debug.fail_at_step", "must be <= train.max_steps")
         self._validate_restarts()
+        self._validate_objective()
         if not self.checkpoint.adapter_only and self.peft.method != "none":
             _require(self.parallel.backend == FSDP2_BACKEND, "checkpoint.adapter_only",
                      "false (save the frozen base too) is supported by parallel=fsdp2 only; DeepSpeed checkpoints "
@@ -884,6 +968,17 @@ class JobConfig:
                 ("eval.early_stopping.patience", self.eval.early_stopping.patience > 0)]
         for key, used in uses:
             _require(not used, key, "needs held-out data: set data.eval_path, data.eval_fraction or data.eval_samples")
+
+    def _validate_objective(self) -> None:
+        o = self.objective
+        if not isinstance(o, DPOObjectiveConfig):
+            return
+        _require(self.data.format in ("messages", "prompt_completion"), "data.format",
+                 f"objective=dpo reads preference pairs with data.format=messages or prompt_completion; got {self.data.format!r}")
+        if o.reference_source(self.peft.method) == "adapters":
+            _require(self.peft.method != "none", "objective.reference",
+                     "adapters (the model with its adapters disabled) needs peft=lora|qlora|longlora; "
+                     "use precompute for full fine-tuning")
 
     def _validate_restarts(self) -> None:
         # Ray Train restarts a failed worker group inside the same launch (launcher=ray, or Slurm's

@@ -124,7 +124,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write(record)
-        status = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        acc = f" acc {record['rewards/accuracy']:.2f}" if "rewards/accuracy" in record else ""
+        status = f"loss {record['loss']:.4f}{acc} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], status=status)
         if not self.console.is_terminal:  # logs, Slurm output files: one plain line per logged step
@@ -138,8 +139,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write({"event": "eval", **record, "time": time.time()})
-        extra = "".join(f" {k.removeprefix('eval_')} {record[k]:.4f}" for k in ("eval_exact_match", "eval_rougeL")
-                        if k in record)
+        extra = "".join(f" {k.removeprefix('eval_')} {record[k]:.4f}" for k in
+                        ("eval_rewards/accuracy", "eval_rewards/margin", "eval_exact_match", "eval_rougeL") if k in record)
         line = (f"eval step {record['step']}: loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}{extra} "
                 f"({record['eval_samples']} samples, {record['eval_tokens_per_s']:,.0f} tok/s)")
         if self._progress is not None and self.console.is_terminal:

@@ -96,16 +96,14 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     c = built.counts
     log.info("parameters: %s total, %s trainable (%s)", f"{c.total:,}", f"{c.trainable:,}", job.peft.method)
 
-    from ftcluster.data import DistributedBatches
-
-    batches = DistributedBatches(data, micro_batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
-                                 seed=job.seed, shuffle=job.data.shuffle, pad_id=pad_id, max_seq_len=job.data.max_seq_len)
+    batches, collators = _build_batches(job, d, data=data, eval_data=eval_data, pad_id=pad_id)
     progress = TrainProgress(tokens=torch.zeros((), dtype=torch.float64, device=d.device))
     logger_run = LoggerRun()
     tracker = EvalTracker(cfg=job.eval)
     state = {"progress": progress, "data": batches, "logger": logger_run, "model": facts, "eval": tracker}
     ckpt = CheckpointManager(run_dir, cfg=job.checkpoint, dist_info=d)
     loaded = _resume(job, d, ckpt, engine, state)
+    reference_events = _prepare_reference(job, d, run_dir, engine=engine, collators=collators, resumed=loaded is not None)
 
     wandb_run = _start_wandb(job, d, run_dir, logger_run)
     metrics = MetricsLogger(run_dir=run_dir, enabled=d.is_main, start_step=progress.step, max_steps=t.max_steps,
@@ -122,9 +120,11 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
         metrics.event("start", step=0, world_size=d.world_size, params=c.total, trainable=c.trainable,
                       samples=len(data), dropped=data.stats.dropped_overlength + data.stats.dropped_no_supervision,
                       **host)
+    for fields in reference_events:
+        metrics.event("reference", step=progress.step, **fields)
     evaluator = None if eval_data is None else Evaluator(
         job=job, rank=d.rank, world_size=d.world_size, device=d.device, data=eval_data, tokenizer=tokenizer,
-        pad_id=pad_id, run_dir=run_dir)
+        pad_id=pad_id, run_dir=run_dir, collator=collators.get("eval"))
     if evaluator is None and job.eval.every_steps:
         log.warning("eval.every_steps=%d but no held-out data (data.eval_path, data.eval_fraction or data.eval_samples): "
                     "nothing is evaluated", job.eval.every_steps)
@@ -142,7 +142,7 @@ def _build_data(job: JobConfig, d: Dist, run_dir: Path):  # type: ignore[no-unty
     """Tokenised training and held-out data (local rank 0 of each host first, filling the datasets
     cache that the others then read), the tokenizer and the pad id; checks the training data is
     enough for one global batch."""
-    from ftcluster.data import check_enough_samples
+    from ftcluster.data import build_dataset, check_enough_samples
     from ftcluster.data.holdout import build_train_and_eval
     from ftcluster.model import build_hf_config
 
@@ -150,8 +150,11 @@ def _build_data(job: JobConfig, d: Dist, run_dir: Path):  # type: ignore[no-unty
     tokenizer = _load_tokenizer(job) if job.data.format != "synthetic" else None
     if d.local_rank != 0:
         barrier()
+    builder = build_dataset
+    if job.objective.kind == "dpo":
+        from ftcluster.data.preference import build_preference_dataset as builder
     data, eval_data = build_train_and_eval(job.data, tokenizer=tokenizer, seed=job.seed, vocab_size=vocab_size,
-                                           run_dir=run_dir, is_main=d.is_main)
+                                           run_dir=run_dir, is_main=d.is_main, builder=builder)
     if d.local_rank == 0:
         barrier()
     check_enough_samples(data, micro_batch_size=job.train.micro_batch_size, grad_accum=job.train.grad_accum,
@@ -159,6 +162,46 @@ def _build_data(job: JobConfig, d: Dist, run_dir: Path):  # type: ignore[no-unty
     if tokenizer is not None and len(tokenizer) > vocab_size:
         raise ValueError(f"model.tokenizer: {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
     return data, eval_data, tokenizer, _pad_id(tokenizer)
+
+
+def _build_batches(job: JobConfig, d: Dist, *, data: Any, eval_data: Any, pad_id: int) -> tuple[Any, dict[str, Any]]:
+    """The training micro-batches (samples, or whole preference pairs), and for pairs the
+    collators of the training and held-out pairs (which carry precomputed reference log-probs)."""
+    t = job.train
+    if job.objective.kind != "dpo":
+        from ftcluster.data import DistributedBatches
+
+        return DistributedBatches(data, micro_batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
+                                  seed=job.seed, shuffle=job.data.shuffle, pad_id=pad_id,
+                                  max_seq_len=job.data.max_seq_len), {}
+    from ftcluster.data.preference import PairCollator, PreferenceBatches
+
+    collators = {"train": PairCollator(data=data, pad_id=pad_id, max_seq_len=job.data.max_seq_len)}
+    if eval_data is not None:
+        collators["eval"] = PairCollator(data=eval_data, pad_id=pad_id, max_seq_len=job.data.max_seq_len)
+    batches = PreferenceBatches(data, collator=collators["train"], micro_batch_size=t.micro_batch_size, rank=d.rank,
+                                world_size=d.world_size, seed=job.seed, shuffle=job.data.shuffle)
+    return batches, collators
+
+
+def _prepare_reference(job: JobConfig, d: Dist, run_dir: Path, *, engine: Engine, collators: dict[str, Any],
+                       resumed: bool) -> list[dict]:
+    """objective.reference=precompute: the reference log-probs of every training and held-out pair,
+    computed before step 1 (or read back on resume). Returns the events to record."""
+    if job.objective.kind != "dpo" or job.objective.reference_source(job.peft.method) != "precompute":
+        return []
+    from ftcluster.objectives.reference import prepare_reference, reference_path
+
+    events = []
+    for split, collator in collators.items():
+        t0 = time.perf_counter()
+        table, computed = prepare_reference(
+            engine=engine, collator=collator, split=split, run_dir=run_dir, rank=d.rank, world_size=d.world_size,
+            device=d.device, micro_batch_size=job.eval.micro_batch_size or job.train.micro_batch_size,
+            resumed=resumed, is_main=d.is_main)
+        events.append({"split": split, "pairs": len(table.keys), "computed": computed,
+                       "seconds": round(time.perf_counter() - t0, 2), "path": str(reference_path(run_dir, split))})
+    return events
 
 
 def _parallelize(job: JobConfig, d: Dist, built: BuiltModule, facts: ModelFacts) -> Engine:

@@ -65,6 +65,8 @@ class StepValues:
     first_bad: torch.Tensor
     """[step, loss, grad_norm] of the first non-finite step (float64, zeros while none): the error
     names that step, not the log point that noticed it."""
+    stats: torch.Tensor | None = None
+    """The objective's own metric sums of the last step, summed over ranks (None for SFT)."""
 
 
 class Trainer:
@@ -135,13 +137,17 @@ class Trainer:
             loss_sum += loss.detach()
         grad_norm = engine.clip_grad_norm(job.train.grad_clip)
         global_loss = all_reduce_sum(loss_sum) / units
+        stats = self.objective.take_stats()  # DPO's rewards and log-probs (device sums); None for SFT
+        if stats is not None:
+            stats = all_reduce_sum(stats)
         bad = ~(torch.isfinite(global_loss) & torch.isfinite(grad_norm))  # identical on every rank
         lr = lr_at(step, cfg=job.optim, max_steps=job.train.max_steps)
         engine.step(lr=lr, skip=bad)
         v = self.values
         first = torch.where(bad & ~v.bad, torch.stack([torch.full_like(v.first_bad[0], step), global_loss.double(),
                                                       grad_norm.double()]), v.first_bad)
-        self.values = StepValues(loss=global_loss, grad_norm=grad_norm, lr=lr, bad=v.bad | bad, first_bad=first)
+        self.values = StepValues(loss=global_loss, grad_norm=grad_norm, lr=lr, bad=v.bad | bad, first_bad=first,
+                                 stats=stats)
         self.progress.tokens += counts[1]
         self.progress.step = step
         self.throughput.add_step(width=max(b.width for b in micro))
@@ -157,13 +163,16 @@ class Trainer:
         dev = self.d.device
         stop_dev = self.stops.agreed(dev) if not last else torch.zeros((), dtype=torch.int32, device=dev)
         v = self.values
-        loss, gnorm, bad, tokens, stop = torch.stack(
-            [v.loss.double(), v.grad_norm.double(), v.bad.double(), self.progress.tokens.to(dev), stop_dev.double()]
-        ).tolist()
+        scalars = torch.stack([v.loss.double(), v.grad_norm.double(), v.bad.double(), self.progress.tokens.to(dev),
+                               stop_dev.double()])
+        values = torch.cat([scalars, v.stats]).tolist() if v.stats is not None else scalars.tolist()
+        loss, gnorm, bad, tokens, stop = values[:5]
         if bad:
             self._check_finite(step)
-        record = {"step": step, "loss": loss, "lr": v.lr, "grad_norm": gnorm, **self.throughput.read(tokens),
-                  "tokens_seen": self.progress.tokens_before + int(tokens), **gpu_memory(dev)}
+        record = {"step": step, "loss": loss, "lr": v.lr, "grad_norm": gnorm,
+                  **(self.objective.describe(values[5:]) if v.stats is not None else {}),
+                  **self.throughput.read(tokens), "tokens_seen": self.progress.tokens_before + int(tokens),
+                  **gpu_memory(dev)}
         self.metrics.step(record)
         if self.on_log is not None:
             self.on_log(dict(record))

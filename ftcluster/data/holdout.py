@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,12 +28,14 @@ SPLIT_FILE = "eval_split.json"
 
 
 def build_train_and_eval(cfg: DataConfig, *, tokenizer: Any, seed: int, vocab_size: int | None,
-                         run_dir: Path, is_main: bool) -> tuple[TokenizedData, TokenizedData | None]:
-    """(training data, evaluation data or None). Raises DataError naming the key or file:line."""
-    data = build_dataset(cfg, tokenizer=tokenizer, seed=seed, vocab_size=vocab_size)
+                         run_dir: Path, is_main: bool,
+                         builder: Callable[..., Any] = build_dataset) -> tuple[TokenizedData, TokenizedData | None]:
+    """(training data, evaluation data or None). Raises DataError naming the key or file:line.
+    `builder`: `build_dataset` (samples) or `preference.build_preference_dataset` (pairs)."""
+    data = builder(cfg, tokenizer=tokenizer, seed=seed, vocab_size=vocab_size)
     if cfg.eval_path is not None:
-        held = build_dataset(dataclasses.replace(cfg, path=cfg.eval_path), tokenizer=tokenizer, seed=seed,
-                             vocab_size=vocab_size)
+        held = builder(dataclasses.replace(cfg, path=cfg.eval_path), tokenizer=tokenizer, seed=seed,
+                       vocab_size=vocab_size)
         _refuse_overlap(data, held)
         return data, held
     if not cfg.has_eval:
@@ -74,15 +76,21 @@ def _recorded_or_new(run_dir: Path, *, n: int, k: int, seed: int, is_main: bool)
     return idx
 
 
-def _digest(ids: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+def _digest(sample: tuple) -> bytes:
+    """Digest of a sample's token ids (a preference pair: prompt, chosen and rejected together)."""
+    parts = sample[:1] if len(sample) == 2 else sample  # (ids, supervised) or (prompt, chosen, rejected)
+    h = hashlib.blake2b(digest_size=16)
+    for ids in parts:
+        h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.digest()
 
 
 def _refuse_overlap(train: TokenizedData, held: TokenizedData) -> None:
     """An eval file must not contain a training sample (identical tokens): its loss would be no
     held-out measure. One pass over both, by digest of the token ids."""
-    held_digests = {_digest(held[i][0]): i for i in range(len(held))}
-    hits = [(i, held_digests[d]) for i in range(len(train)) if (d := _digest(train[i][0])) in held_digests]
+    held_digests = {_digest(held[i]): i for i in range(len(held))}
+    hits = [(i, held_digests[d]) for i in range(len(train)) if (d := _digest(train[i])) in held_digests]
     if hits:
         i, j = hits[0]
         raise DataError(f"data.eval_path: {len(hits)} eval sample(s) also in the training data, e.g. "

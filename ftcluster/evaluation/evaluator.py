@@ -57,12 +57,12 @@ class EvalTracker:
 
 class Evaluator:
     def __init__(self, *, job: JobConfig, rank: int, world_size: int, device: torch.device, data: Any,
-                 tokenizer: Any, pad_id: int, run_dir: Path) -> None:
+                 tokenizer: Any, pad_id: int, run_dir: Path, collator: Any = None) -> None:
         self.job, self.cfg, self.rank, self.device, self.run_dir = job, job.eval, rank, device, run_dir
         self.tokenizer = tokenizer
         self.batches = EvalBatches(data, micro_batch_size=self.cfg.micro_batch_size or job.train.micro_batch_size,
                                    max_batches=self.cfg.max_batches, rank=rank, world_size=world_size, pad_id=pad_id,
-                                   max_seq_len=job.data.max_seq_len)
+                                   max_seq_len=job.data.max_seq_len, collator=collator)
         self.prompts = _prompts(job, data=data, tokenizer=tokenizer)
         self.last_samples: list[dict] = []
 

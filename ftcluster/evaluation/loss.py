@@ -25,9 +25,10 @@ class EvalBatches:
     """This rank's evaluation micro-batches, the same number on every rank."""
 
     def __init__(self, data: Any, *, micro_batch_size: int, max_batches: int | None, rank: int, world_size: int,
-                 pad_id: int, max_seq_len: int) -> None:
+                 pad_id: int, max_seq_len: int, collator: Any = None) -> None:
+        """`collator`: None collates samples (SFT); a `PairCollator` collates whole preference pairs."""
         self.data, self.mb, self.rank, self.world = data, micro_batch_size, rank, world_size
-        self.pad_id, self.max_seq_len = pad_id, max_seq_len
+        self.pad_id, self.max_seq_len, self.collator = pad_id, max_seq_len, collator
         windows = -(-len(data) // (world_size * micro_batch_size))
         self.num_batches = windows if max_batches is None else min(windows, max_batches)
 
@@ -36,6 +37,9 @@ class EvalBatches:
         for w in range(self.num_batches):
             start = w * self.world * self.mb + self.rank * self.mb
             indices = list(range(start, min(start + self.mb, n)))
+            if self.collator is not None:
+                yield self.collator([self.data[i] for i in indices], indices) if indices else self.collator.empty()
+                continue
             if not indices:
                 yield self._empty()
                 continue
@@ -56,14 +60,18 @@ def eval_loss(engine: Any, objective: Any, batches: EvalBatches, *, device: torc
     t0 = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64, device=device)
     units = tokens = 0
+    objective.take_stats()  # nothing of training's metrics leaks into the eval record
     for batch in batches:
         total += engine.eval_forward(batch.to(device)).double()
         units += objective.normaliser(batch)
         tokens += batch.num_tokens
     counts = torch.tensor([units, tokens], dtype=torch.float64).to(device)
-    loss_sum, units_all, tokens_all = all_reduce_sum(torch.cat([total.reshape(1), counts])).tolist()
+    stats = objective.take_stats()  # DPO: rewards, accuracy, log-probs over the held-out pairs
+    parts = [total.reshape(1), counts] + ([stats] if stats is not None else [])
+    loss_sum, units_all, tokens_all, *stat_sums = all_reduce_sum(torch.cat(parts)).tolist()
     seconds = max(time.perf_counter() - t0, 1e-9)
     loss = loss_sum / max(units_all, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else math.inf,
             "eval_tokens_per_s": tokens_all / seconds, "eval_samples": batches.samples_covered(),
-            "eval_tokens": int(tokens_all), "eval_seconds": round(seconds, 3)}
+            "eval_tokens": int(tokens_all), "eval_seconds": round(seconds, 3),
+            **({f"eval_{k}": v for k, v in objective.describe(stat_sums).items()} if stats is not None else {})}

@@ -122,8 +122,16 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         hf = self.hf_model
+        weight = hf.get_output_embeddings().weight
+        if self.objective.needs_reference_forward and getattr(batch, "ref_logps", None) is None:
+            # DPO's reference under LoRA/QLoRA: the same (sharded) model with the adapters off,
+            # first and without autograd (nothing of it is kept for backward). Inside the root's
+            # forward, so every backend has the root's parameters gathered for both passes.
+            with torch.no_grad(), self.model.disable_adapter():
+                ref_hidden = hf.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+                batch = batch.with_reference(self.objective.reference_logps(ref_hidden, weight, batch))
         hidden = hf.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state
-        return self.objective.head(hidden, hf.get_output_embeddings().weight, batch)
+        return self.objective.head(hidden, weight, batch)
 
 
 def greedy_generate(hf_model: nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -16,6 +16,7 @@ class SFT:
     cross-entropy does the same job in one kernel family (it too never holds full fp32 logits)."""
 
     name = "sft"
+    needs_reference_forward = False
 
     def __init__(self, *, chunk_size: int, fused_linear_ce: bool = False) -> None:
         self.chunk_size = chunk_size
@@ -36,6 +37,15 @@ class SFT:
 
     def normaliser(self, batch: Batch) -> int:
         return batch.num_supervised
+
+    def reference_logps(self, hidden: torch.Tensor, weight: torch.Tensor, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError("SFT has no reference model")
+
+    def take_stats(self) -> None:
+        return None  # the loss is SFT's only metric
+
+    def describe(self, sums: list[float]) -> dict[str, float]:
+        return {}
 
 
 def _chunk_ce_sum(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
