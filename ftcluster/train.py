@@ -87,8 +87,9 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     log.info("rank %d/%d on %s; global batch %d = %d x %d x %d", d.rank, d.world_size, d.device,
              t.micro_batch_size * t.grad_accum * d.world_size, t.micro_batch_size, t.grad_accum, d.world_size)
     data, eval_data, tokenizer, pad_id = _build_data(job, d, run_dir)  # first: bad data fails before anything expensive
+    batches, packing = _build_batches(job, d, data, pad_id)
     objective = build_objective(job)
-    built = build_module(job, objective=objective)
+    built = build_module(job, objective=objective, packed=packing is not None)
     facts = ModelFacts(adapter_only=job.checkpoint.adapter_only)
     rss_before_load, t_load = host_rss_gib()[0], time.perf_counter()
     engine = _parallelize(job, d, built, facts)
@@ -96,10 +97,6 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     c = built.counts
     log.info("parameters: %s total, %s trainable (%s)", f"{c.total:,}", f"{c.trainable:,}", job.peft.method)
 
-    from ftcluster.data import DistributedBatches
-
-    batches = DistributedBatches(data, micro_batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
-                                 seed=job.seed, shuffle=job.data.shuffle, pad_id=pad_id, max_seq_len=job.data.max_seq_len)
     progress = TrainProgress(tokens=torch.zeros((), dtype=torch.float64, device=d.device))
     logger_run = LoggerRun()
     tracker = EvalTracker(cfg=job.eval)
@@ -121,7 +118,11 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     else:
         metrics.event("start", step=0, world_size=d.world_size, params=c.total, trainable=c.trainable,
                       samples=len(data), dropped=data.stats.dropped_overlength + data.stats.dropped_no_supervision,
-                      **host)
+                      packing=packing is not None, **host)
+    if packing is not None:  # at the start and at every resume: the rows this run trains on
+        metrics.event("packing", step=progress.step, **packing)
+    if hasattr(data, "mix_report"):
+        metrics.event("data_mix", step=progress.step, sources=data.mix_report(seed=job.seed, epoch=batches.epoch))
     evaluator = None if eval_data is None else Evaluator(
         job=job, rank=d.rank, world_size=d.world_size, device=d.device, data=eval_data, tokenizer=tokenizer,
         pad_id=pad_id, run_dir=run_dir)
@@ -159,6 +160,34 @@ def _build_data(job: JobConfig, d: Dist, run_dir: Path):  # type: ignore[no-unty
     if tokenizer is not None and len(tokenizer) > vocab_size:
         raise ValueError(f"model.tokenizer: {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
     return data, eval_data, tokenizer, _pad_id(tokenizer)
+
+
+def _build_batches(job: JobConfig, d: Dist, data: Any, pad_id: int) -> tuple[Any, dict | None]:
+    """This rank's micro-batches, packed or one sample per row (data.packing), and the packing
+    statistics of the first epoch (None unpacked). Fails before step 1 if one global batch of
+    rows cannot be filled."""
+    from ftcluster.data import DataError, DistributedBatches
+    from ftcluster.data.packing import PackedBatches, resolve_packing
+
+    t, cfg = job.train, job.data
+    common = dict(micro_batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size, seed=job.seed,
+                  shuffle=cfg.shuffle, pad_id=pad_id, max_seq_len=cfg.max_seq_len)
+    pack, why = resolve_packing(cfg, data)
+    if not pack:
+        log.info("packing: off (%s); one right-padded row per sample", why)
+        return DistributedBatches(data, **common), None
+    batches = PackedBatches(data, window=cfg.packing_window, **common)
+    stats = batches.stats(0)
+    log.info("packing: on (%s): %d samples in %d rows of up to %d tokens, fill %.1f%%, %.2f samples/row; "
+             "train.micro_batch_size counts rows; evaluation is not packed", why, stats.samples, stats.rows,
+             cfg.max_seq_len, 100 * stats.fill, stats.samples_per_row)
+    global_batch = t.micro_batch_size * t.grad_accum * d.world_size
+    if stats.rows < global_batch:
+        raise DataError(f"data.path: {stats.samples} samples pack into {stats.rows} rows, fewer than one global batch "
+                        f"of {global_batch} rows (train.micro_batch_size={t.micro_batch_size} x train.grad_accum="
+                        f"{t.grad_accum} x world size {d.world_size}); add data, lower the batch size, or set "
+                        "data.packing=false")
+    return batches, {"why": why, "max_seq_len": cfg.max_seq_len, **stats.as_event()}
 
 
 def _parallelize(job: JobConfig, d: Dist, built: BuiltModule, facts: ModelFacts) -> Engine:

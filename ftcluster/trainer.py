@@ -144,7 +144,7 @@ class Trainer:
         self.values = StepValues(loss=global_loss, grad_norm=grad_norm, lr=lr, bad=v.bad | bad, first_bad=first)
         self.progress.tokens += counts[1]
         self.progress.step = step
-        self.throughput.add_step(width=max(b.width for b in micro))
+        self.throughput.add_step(batches=micro)
 
     # --- log, evaluate, save --------------------------------------------------------------------
 

@@ -30,9 +30,14 @@ SPLIT_FILE = "eval_split.json"
 def build_train_and_eval(cfg: DataConfig, *, tokenizer: Any, seed: int, vocab_size: int | None,
                          run_dir: Path, is_main: bool) -> tuple[TokenizedData, TokenizedData | None]:
     """(training data, evaluation data or None). Raises DataError naming the key or file:line."""
-    data = build_dataset(cfg, tokenizer=tokenizer, seed=seed, vocab_size=vocab_size)
+    if cfg.sources:
+        from ftcluster.data.mixing import build_mix
+
+        data = build_mix(cfg, tokenizer=tokenizer, seed=seed)
+    else:
+        data = build_dataset(cfg, tokenizer=tokenizer, seed=seed, vocab_size=vocab_size)
     if cfg.eval_path is not None:
-        held = build_dataset(dataclasses.replace(cfg, path=cfg.eval_path), tokenizer=tokenizer, seed=seed,
+        held = build_dataset(dataclasses.replace(cfg, path=cfg.eval_path, sources=[]), tokenizer=tokenizer, seed=seed,
                              vocab_size=vocab_size)
         _refuse_overlap(data, held)
         return data, held
