@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "s2_attention",
+    "s2_attention_packed",
     "s2_group_size_for",
     "s2_attention_forward",
     "register_s2_attention",
@@ -288,7 +289,8 @@ def s2_attention_forward(
             f"S2-Attn training needs self-attention over the whole sequence (query length {q_len} != key "
             f"length {kv_len}); disable the KV cache (use_cache=False) in training"
         )
-    if attention_mask is not None and not _mask_is_plain_causal(attention_mask, q_len, kv_len):
+    segments = kwargs.get("packed_segments")
+    if segments is None and attention_mask is not None and not _mask_is_plain_causal(attention_mask, q_len, kv_len):
         raise ValueError(
             "S2-Attn training expects right-padded batches without an attention mask (right padding is "
             "harmless under causal attention; set the labels of pad tokens to -100). Got an attention mask "
@@ -297,8 +299,32 @@ def s2_attention_forward(
         )
 
     group_size = s2_group_size_for(getattr(module, "config", None), q_len)
+    if segments is not None:  # packed rows (ftcluster/model/packed.py): groups within each sample
+        return s2_attention_packed(query, key, value, segments=segments, group_size=group_size,
+                                   dropout_p=dropout, scale=scaling), None
     out = s2_attention(query, key, value, group_size=group_size, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2), None  # [B, N, Hq, D], contiguous
+
+
+def s2_attention_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                        segments: tuple[tuple[tuple[int, int], ...], ...], group_size: int,
+                        dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """S2-Attn on packed rows: `segments[b]` are the (start, stop) spans of row b's samples (and
+    its padded tail), host integers. Each span is its own sequence: the groups and the half-group
+    shift start at its first token, and a span of at most `group_size` tokens attends fully
+    (causally), as that sample trained alone would. Returns ``[B, N, Hq, Dv]``."""
+    B, Hq, N, _ = q.shape
+    out = q.new_empty(B, N, Hq, v.shape[3])
+    gqa = k.shape[1] != Hq
+    for b, spans in enumerate(segments):
+        for start, stop in spans:
+            qs, ks, vs = (x[b:b + 1, :, start:stop] for x in (q, k, v))
+            if stop - start <= group_size:
+                o = _sdpa(qs, ks, vs, gqa, dropout_p, scale)
+            else:
+                o = s2_attention(qs, ks, vs, group_size=group_size, dropout_p=dropout_p, scale=scale)
+            out[b:b + 1, start:stop].copy_(o.transpose(1, 2))
+    return out
 
 
 def register_s2_attention(name: str = "s2_attn") -> str:

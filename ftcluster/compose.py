@@ -162,8 +162,9 @@ def check_data_paths(job: JobConfig) -> None:
 
     if job.data.format == "synthetic":
         return
-    for key in ("path", "eval_path"):
-        value = getattr(job.data, key, None)
+    named = [(f"data.{key}", getattr(job.data, key, None)) for key in ("path", "eval_path")]
+    named += [(f"data.sources[{i}].path", s.path) for i, s in enumerate(getattr(job.data, "sources", None) or [])]
+    for key, value in named:
         if not value:
             continue
         for item in (p.strip() for p in str(value).split(",")):
@@ -172,9 +173,9 @@ def check_data_paths(job: JobConfig) -> None:
             item = os.path.expanduser(item)
             if any(c in item for c in "*?["):
                 if not any(os.path.isfile(f) for f in glob.glob(item, recursive=True)):
-                    raise ConfigError(f"data.{key}: pattern {item!r} matches no file")
+                    raise ConfigError(f"{key}: pattern {item!r} matches no file")
             elif not os.path.exists(item):
-                raise ConfigError(f"data.{key}: no such file or directory: {item}")
+                raise ConfigError(f"{key}: no such file or directory: {item}")
 
 
 def _looks_local(path: str) -> bool:

@@ -206,6 +206,45 @@ def check_context_extension(target: int, *, current: int) -> None:
 
 DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "synthetic")
 OVERLENGTH_POLICIES = ("truncate", "drop", "error")
+PACKING_MODES = ("auto", "true", "false")
+
+
+@dataclass(kw_only=True)
+class DataSourceConfig:
+    """One dataset of a mix (`data.sources`). Unset fields take the value of the same `data.` key."""
+    path: str = MISSING
+    """File(s), glob, or dataset directory, as `data.path`."""
+    format: Optional[str] = None
+    """As `data.format` (not `synthetic`); unset: `data.format`."""
+    messages_field: Optional[str] = None
+    """As `data.messages_field`; unset: that key."""
+    prompt_field: Optional[str] = None
+    """As `data.prompt_field`; unset: that key."""
+    completion_field: Optional[str] = None
+    """As `data.completion_field`; unset: that key."""
+    instruction_field: Optional[str] = None
+    """As `data.instruction_field`; unset: that key."""
+    input_field: Optional[str] = None
+    """As `data.input_field`; unset: that key."""
+    output_field: Optional[str] = None
+    """As `data.output_field`; unset: that key."""
+    text_field: Optional[str] = None
+    """As `data.text_field`; unset: that key."""
+    weight: Optional[float] = None
+    """Share of this source among the weighted sources, in samples per mix epoch (> 0; weights are
+    normalised over the weighted sources, whose mix epoch holds as many samples as they have
+    together). Exclusive with `epochs`; neither set: weight 1."""
+    epochs: Optional[float] = None
+    """Passes over this source per mix epoch (> 0, may be fractional: 0.5 is a seeded half,
+    2 every sample twice). Exclusive with `weight`."""
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.path) and self.path != MISSING, f"{key}.path", "required")
+        _require(self.format is None or (self.format in DATA_FORMATS and self.format != "synthetic"), f"{key}.format",
+                 f"must be one of {', '.join(f for f in DATA_FORMATS if f != 'synthetic')}; got {self.format!r}")
+        _require(self.weight is None or self.epochs is None, f"{key}.weight", "set weight or epochs, not both")
+        _require(self.weight is None or self.weight > 0, f"{key}.weight", f"must be > 0; got {self.weight}")
+        _require(self.epochs is None or self.epochs > 0, f"{key}.epochs", f"must be > 0; got {self.epochs}")
 
 
 @dataclass(kw_only=True)
@@ -259,6 +298,18 @@ class DataConfig:
     split by `seed`, the same whatever the world size, disjoint from the samples trained on."""
     eval_samples: int = 0
     """Hold out this many training samples for evaluation (instead of a fraction)."""
+    packing: str = "auto"
+    """`true`: pack samples into rows of up to max_seq_len tokens (padding-free: position ids
+    restart and attention never crosses samples; the loss per sample is unchanged);
+    train.micro_batch_size then counts rows. `false`: one right-padded row per sample. `auto`:
+    pack when the data has samples shorter than max_seq_len (never for format=synthetic, whose
+    samples fill the row). Evaluation is never packed."""
+    packing_window: int = 1024
+    """Samples (in data order) packed together by first-fit decreasing: larger fills rows better,
+    smaller keeps the order closer to the shuffle. >= 1."""
+    sources: List[DataSourceConfig] = field(default_factory=list)
+    """A mix of datasets instead of `path`: each with its path, format, field names and a weight
+    or epochs; deterministic by seed, packed together, resumable; realised proportions are logged."""
 
     @property
     def has_eval(self) -> bool:
@@ -289,10 +340,24 @@ class DataConfig:
         _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1; got {self.num_proc}")
         _require(self.max_row_chars is None or self.max_row_chars >= 1, "data.max_row_chars",
                  f"must be >= 1 (unset: 64 x data.max_seq_len); got {self.max_row_chars}")
-        if self.format == "synthetic":
+        _one_of(str(self.packing).lower(), "data.packing", PACKING_MODES)
+        _require(self.packing_window >= 1, "data.packing_window", f"must be >= 1; got {self.packing_window}")
+        if self.sources:
+            _require(not self.path, "data.path", "set data.path or data.sources, not both")
+            _require(self.format != "synthetic", "data.sources", "a mix of files; not with data.format=synthetic")
+            _require(self.eval_fraction == 0 and self.eval_samples == 0, "data.eval_fraction",
+                     "with data.sources hold out data through data.eval_path")
+            for i, src in enumerate(self.sources):
+                src.validate(f"data.sources[{i}]")
+        elif self.format == "synthetic":
             _require(self.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
         else:
             _require(bool(self.path), "data.path", f"required for data.format={self.format}")
+
+    @property
+    def packing_mode(self) -> str:
+        """`data.packing` as one of auto/true/false (a YAML boolean reads as true/false)."""
+        return str(self.packing).lower()
 
 
 PEFT_METHODS = ("none", "lora", "qlora", "longlora")
@@ -975,6 +1040,11 @@ class JobConfig:
             return
         _require(self.data.format in ("messages", "prompt_completion"), "data.format",
                  f"objective=dpo reads preference pairs with data.format=messages or prompt_completion; got {self.data.format!r}")
+        # Pairs are padded whole (chosen and rejected rows of one pair in one micro-batch), not packed
+        # with other samples, and a mix of preference sets is not built.
+        _require(self.data.packing_mode != "true", "data.packing",
+                 "objective=dpo trains on whole preference pairs, which are not packed; use auto or false")
+        _require(not self.data.sources, "data.sources", "objective=dpo reads one preference file (data.path)")
         if o.reference_source(self.peft.method) == "adapters":
             _require(self.peft.method != "none", "objective.reference",
                      "adapters (the model with its adapters disabled) needs peft=lora|qlora|longlora; "

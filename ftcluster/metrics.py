@@ -4,7 +4,8 @@ Numbers (DESIGN.md): tokens/s counts real (non-pad) input tokens. MFU divides ac
 by 989e12 per GPU (H100/H200 dense bf16). Model FLOPs per token: full fine-tuning
 6*N + 12*L*d*S; adapters 4*N_frozen + 6*N_trainable + 12*L*d*S, with N excluding the input
 embedding table and S the attended span (the padded sequence length of the batch; the group size
-under S2-Attn in training: ftcluster.longlora.attended_span).
+under S2-Attn in training: ftcluster.longlora.attended_span). Packed rows (data.packing): each
+sample's own length (or the S2 group when shorter), averaged over real tokens.
 """
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ class FlopsModel:
         return flops_per_token(n_frozen=self.n_frozen, n_trainable=self.n_trainable, n_layers=self.n_layers,
                                hidden=self.hidden, attn_span=self.attended_span(width))
 
+    def per_token_packed(self, seq_lens: list[int], width: int) -> float:
+        """Mean model FLOPs per real token of packed rows of `width`: each sample's tokens attend
+        its own span (its length, or the S2 group when shorter), not the row's."""
+        cap = self.attended_span(width)
+        tokens = sum(seq_lens)
+        span_tokens = sum(n * min(n, cap) for n in seq_lens)  # sum over tokens of the attended span
+        base = flops_per_token(n_frozen=self.n_frozen, n_trainable=self.n_trainable, n_layers=self.n_layers,
+                               hidden=self.hidden, attn_span=0)
+        return base + 12 * self.n_layers * self.hidden * span_tokens / max(tokens, 1)
+
 
 @dataclass(kw_only=True)
 class ThroughputWindow:
@@ -53,9 +64,20 @@ class ThroughputWindow:
     steps: int = 0
     fpt_sum: float = 0.0
 
-    def add_step(self, *, width: int) -> None:
+    real: int = 0
+    slots: int = 0
+
+    def add_step(self, *, batches: list[Any]) -> None:
+        """One optimizer step's micro-batches (host facts only). Unpacked rows count the padded
+        width as every token's span (the convention so far); packed rows each sample's own."""
         self.steps += 1
-        self.fpt_sum += self.flops.per_token(width)
+        if batches[0].packed:
+            lens = [n for b in batches for row in b.seq_lens for n in row]
+            self.fpt_sum += self.flops.per_token_packed(lens, max(b.width for b in batches))
+        else:
+            self.fpt_sum += self.flops.per_token(max(b.width for b in batches))
+        self.real += sum(b.num_tokens for b in batches)
+        self.slots += sum(b.input_ids.numel() for b in batches)
 
     def exclude(self, seconds: float) -> None:
         self.t0 += seconds
@@ -66,8 +88,10 @@ class ThroughputWindow:
         tps = (tokens_total - self.tokens_at_t0) / max(now - self.t0, 1e-9)
         fpt = self.fpt_sum / max(self.steps, 1)  # mean model FLOPs per token over the window
         mfu = (tps * fpt / (PEAK_FLOPS_PER_GPU * self.world_size)) if self.on_gpu else None
-        self.t0, self.tokens_at_t0, self.steps, self.fpt_sum = now, tokens_total, 0, 0.0
-        return {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / self.world_size, "mfu": mfu}
+        fill = self.real / max(self.slots, 1)  # this rank's real tokens / row positions (padding efficiency)
+        self.t0, self.tokens_at_t0, self.steps, self.fpt_sum, self.real, self.slots = now, tokens_total, 0, 0.0, 0, 0
+        return {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / self.world_size, "mfu": mfu,
+                "row_fill": round(fill, 4)}
 
 
 def gpu_memory(device: torch.device) -> dict[str, float]:

@@ -87,8 +87,9 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     log.info("rank %d/%d on %s; global batch %d = %d x %d x %d", d.rank, d.world_size, d.device,
              t.micro_batch_size * t.grad_accum * d.world_size, t.micro_batch_size, t.grad_accum, d.world_size)
     data, eval_data, tokenizer, pad_id = _build_data(job, d, run_dir)  # first: bad data fails before anything expensive
+    batches, collators, packing = _build_batches(job, d, data=data, eval_data=eval_data, pad_id=pad_id)
     objective = build_objective(job)
-    built = build_module(job, objective=objective)
+    built = build_module(job, objective=objective, packed=packing is not None)
     facts = ModelFacts(adapter_only=job.checkpoint.adapter_only)
     rss_before_load, t_load = host_rss_gib()[0], time.perf_counter()
     engine = _parallelize(job, d, built, facts)
@@ -96,7 +97,6 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     c = built.counts
     log.info("parameters: %s total, %s trainable (%s)", f"{c.total:,}", f"{c.trainable:,}", job.peft.method)
 
-    batches, collators = _build_batches(job, d, data=data, eval_data=eval_data, pad_id=pad_id)
     progress = TrainProgress(tokens=torch.zeros((), dtype=torch.float64, device=d.device))
     logger_run = LoggerRun()
     tracker = EvalTracker(cfg=job.eval)
@@ -119,7 +119,11 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     else:
         metrics.event("start", step=0, world_size=d.world_size, params=c.total, trainable=c.trainable,
                       samples=len(data), dropped=data.stats.dropped_overlength + data.stats.dropped_no_supervision,
-                      **host)
+                      packing=packing is not None, **host)
+    if packing is not None:  # at the start and at every resume: the rows this run trains on
+        metrics.event("packing", step=progress.step, **packing)
+    if hasattr(data, "mix_report"):
+        metrics.event("data_mix", step=progress.step, sources=data.mix_report(seed=job.seed, epoch=batches.epoch))
     for fields in reference_events:
         metrics.event("reference", step=progress.step, **fields)
     evaluator = None if eval_data is None else Evaluator(
@@ -164,24 +168,43 @@ def _build_data(job: JobConfig, d: Dist, run_dir: Path):  # type: ignore[no-unty
     return data, eval_data, tokenizer, _pad_id(tokenizer)
 
 
-def _build_batches(job: JobConfig, d: Dist, *, data: Any, eval_data: Any, pad_id: int) -> tuple[Any, dict[str, Any]]:
-    """The training micro-batches (samples, or whole preference pairs), and for pairs the
-    collators of the training and held-out pairs (which carry precomputed reference log-probs)."""
-    t = job.train
-    if job.objective.kind != "dpo":
-        from ftcluster.data import DistributedBatches
+def _build_batches(job: JobConfig, d: Dist, *, data: Any, eval_data: Any,
+                   pad_id: int) -> tuple[Any, dict[str, Any], dict | None]:
+    """This rank's micro-batches (samples packed or one per row, or whole preference pairs), the
+    collators of the training and held-out pairs (which carry precomputed reference log-probs), and
+    the packing statistics of the first epoch (None unpacked). Fails before step 1 if one global
+    batch of rows cannot be filled."""
+    from ftcluster.data import DataError, DistributedBatches
+    from ftcluster.data.packing import PackedBatches, resolve_packing
 
-        return DistributedBatches(data, micro_batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
-                                  seed=job.seed, shuffle=job.data.shuffle, pad_id=pad_id,
-                                  max_seq_len=job.data.max_seq_len), {}
-    from ftcluster.data.preference import PairCollator, PreferenceBatches
+    t, cfg = job.train, job.data
+    if job.objective.kind == "dpo":
+        from ftcluster.data.preference import PairCollator, PreferenceBatches
 
-    collators = {"train": PairCollator(data=data, pad_id=pad_id, max_seq_len=job.data.max_seq_len)}
-    if eval_data is not None:
-        collators["eval"] = PairCollator(data=eval_data, pad_id=pad_id, max_seq_len=job.data.max_seq_len)
-    batches = PreferenceBatches(data, collator=collators["train"], micro_batch_size=t.micro_batch_size, rank=d.rank,
-                                world_size=d.world_size, seed=job.seed, shuffle=job.data.shuffle)
-    return batches, collators
+        collators = {"train": PairCollator(data=data, pad_id=pad_id, max_seq_len=cfg.max_seq_len)}
+        if eval_data is not None:
+            collators["eval"] = PairCollator(data=eval_data, pad_id=pad_id, max_seq_len=cfg.max_seq_len)
+        batches = PreferenceBatches(data, collator=collators["train"], micro_batch_size=t.micro_batch_size,
+                                    rank=d.rank, world_size=d.world_size, seed=job.seed, shuffle=cfg.shuffle)
+        return batches, collators, None
+    common = dict(micro_batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size, seed=job.seed,
+                  shuffle=cfg.shuffle, pad_id=pad_id, max_seq_len=cfg.max_seq_len)
+    pack, why = resolve_packing(cfg, data)
+    if not pack:
+        log.info("packing: off (%s); one right-padded row per sample", why)
+        return DistributedBatches(data, **common), {}, None
+    batches = PackedBatches(data, window=cfg.packing_window, **common)
+    stats = batches.stats(0)
+    log.info("packing: on (%s): %d samples in %d rows of up to %d tokens, fill %.1f%%, %.2f samples/row; "
+             "train.micro_batch_size counts rows; evaluation is not packed", why, stats.samples, stats.rows,
+             cfg.max_seq_len, 100 * stats.fill, stats.samples_per_row)
+    global_batch = t.micro_batch_size * t.grad_accum * d.world_size
+    if stats.rows < global_batch:
+        raise DataError(f"data.path: {stats.samples} samples pack into {stats.rows} rows, fewer than one global batch "
+                        f"of {global_batch} rows (train.micro_batch_size={t.micro_batch_size} x train.grad_accum="
+                        f"{t.grad_accum} x world size {d.world_size}); add data, lower the batch size, or set "
+                        "data.packing=false")
+    return batches, {}, {"why": why, "max_seq_len": cfg.max_seq_len, **stats.as_event()}
 
 
 def _prepare_reference(job: JobConfig, d: Dist, run_dir: Path, *, engine: Engine, collators: dict[str, Any],

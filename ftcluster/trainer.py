@@ -150,7 +150,7 @@ class Trainer:
                                  stats=stats)
         self.progress.tokens += counts[1]
         self.progress.step = step
-        self.throughput.add_step(width=max(b.width for b in micro))
+        self.throughput.add_step(batches=micro)
 
     # --- log, evaluate, save --------------------------------------------------------------------
 

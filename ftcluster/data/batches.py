@@ -53,22 +53,18 @@ class DistributedBatches:
 
     @property
     def epoch(self) -> int:
-        return self._consumed // len(self.data)
+        return self._consumed // epoch_size(self.data)
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
-            n = len(self.data)
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, ORDER_STREAM, epoch]).permutation(n)
-            else:
-                order = np.arange(n)
+            order = epoch_order(self.data, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
             self._orders[epoch] = order
         return self._orders[epoch]
 
     def global_indices(self, start: int, stop: int) -> list[int]:
         """Sample indices at global positions [start, stop)."""
-        n = len(self.data)
+        n = epoch_size(self.data)
         return [int(self._order(p // n)[p % n]) for p in range(start, stop)]
 
     def next_microbatch(self) -> Batch:
@@ -90,6 +86,9 @@ class DistributedBatches:
                 "seed": self.seed, "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("packed"):
+            raise DataError("cannot resume the data position: the checkpoint was taken with packed rows "
+                            "(data.packing); resume with data.packing=true or start a new run.dir")
         for key, mine in (("num_samples", len(self.data)), ("seed", self.seed), ("shuffle", self.shuffle)):
             if key in state and state[key] != mine:
                 raise DataError(
@@ -97,6 +96,20 @@ class DistributedBatches:
                     f"{key}={mine}; the same data, seed and data.shuffle are needed to continue the same sample order")
         self._consumed = int(state["consumed"])
         self._orders = {}
+
+
+def epoch_size(data: Any) -> int:
+    """Samples in one epoch: a mix's epoch pool (see data/mixing.py), else every sample once."""
+    return int(getattr(data, "epoch_size", len(data)))
+
+
+def epoch_order(data: Any, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Sample indices of `epoch` in data order: a permutation seeded by (seed, epoch) of every
+    sample (or of a mix's epoch pool, itself seeded by (seed, epoch))."""
+    pool = data.epoch_pool(seed=seed, epoch=epoch) if hasattr(data, "epoch_pool") else None
+    n = len(data) if pool is None else len(pool)
+    order = np.random.default_rng([seed, ORDER_STREAM, epoch]).permutation(n) if shuffle else np.arange(n)
+    return order if pool is None else pool[order]
 
 
 def collate(samples: list[tuple[Any, Any]], *, indices: list[int], pad_id: int, max_seq_len: int,

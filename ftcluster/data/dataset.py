@@ -77,6 +77,10 @@ class TokenizedData:
         """The raw row sample i was tokenised from (its configured fields), or None (synthetic)."""
         return self._samples.raw_row(i)
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of every sample (int64[len]), read without touching the token ids (packing plans rows from these)."""
+        return self._samples.lengths()
+
     def subset(self, indices: np.ndarray) -> "TokenizedData":
         """Samples `indices` of this data, in that order, as their own TokenizedData (a view)."""
         return TokenizedData(samples=_Subset(self._samples, np.asarray(indices, dtype=np.int64)), stats=self.stats)
@@ -98,9 +102,14 @@ class _Subset:
     def raw_row(self, i: int) -> dict | None:
         return self._base.raw_row(int(self._indices[i]))
 
+    def lengths(self) -> np.ndarray:
+        return self._base.lengths()[self._indices]
+
 
 class _ArrowSamples:
-    def __init__(self, *, rows: datasets.Dataset, keep: np.ndarray, source: Source, raw: datasets.Dataset) -> None:
+    def __init__(self, *, rows: datasets.Dataset, keep: np.ndarray, source: Source, raw: datasets.Dataset,
+                 lengths: np.ndarray) -> None:
+        self._lengths = lengths
         self._rows = rows.select_columns(["input_ids", "supervised"]).with_format("numpy")
         self._raw_row = rows.select_columns(["row"])
         self._keep = keep
@@ -119,6 +128,9 @@ class _ArrowSamples:
 
     def raw_row(self, i: int) -> dict | None:
         return dict(self._raw[int(self._raw_row[int(self._keep[i])]["row"])])
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths
 
 
 class _SyntheticSamples:
@@ -144,6 +156,9 @@ class _SyntheticSamples:
 
     def raw_row(self, i: int) -> dict | None:
         return None
+
+    def lengths(self) -> np.ndarray:
+        return np.full(self._count, self._seq_len, dtype=np.int64)
 
 
 def build_dataset(cfg: DataConfig, *, tokenizer: Any, seed: int, vocab_size: int | None = None) -> TokenizedData:
@@ -200,8 +215,9 @@ def build_dataset(cfg: DataConfig, *, tokenizer: Any, seed: int, vocab_size: int
         raise DataError(f"data.path: no usable samples in {cfg.path}: all {stats.rows_read} rows were dropped "
                         f"({stats.dropped_overlength} over data.max_seq_len={cfg.max_seq_len}, "
                         f"{stats.dropped_no_supervision} with no supervised token)")
-    return TokenizedData(samples=_ArrowSamples(rows=rows, keep=np.flatnonzero(kept_mask), source=source, raw=raw),
-                         stats=stats)
+    lengths = counts["length"][kept_mask].clip(max=cfg.max_seq_len).astype(np.int64)
+    return TokenizedData(samples=_ArrowSamples(rows=rows, keep=np.flatnonzero(kept_mask), source=source, raw=raw,
+                                               lengths=lengths), stats=stats)
 
 
 def _tokenize(raw: datasets.Dataset, *, cfg: DataConfig, encoder: formats.Encoder, source: Source,

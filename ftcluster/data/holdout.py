@@ -32,9 +32,14 @@ def build_train_and_eval(cfg: DataConfig, *, tokenizer: Any, seed: int, vocab_si
                          builder: Callable[..., Any] = build_dataset) -> tuple[TokenizedData, TokenizedData | None]:
     """(training data, evaluation data or None). Raises DataError naming the key or file:line.
     `builder`: `build_dataset` (samples) or `preference.build_preference_dataset` (pairs)."""
-    data = builder(cfg, tokenizer=tokenizer, seed=seed, vocab_size=vocab_size)
+    if cfg.sources:  # several datasets mixed by weight (SFT samples only: compose refuses a mix of pairs)
+        from ftcluster.data.mixing import build_mix
+
+        data = build_mix(cfg, tokenizer=tokenizer, seed=seed)
+    else:
+        data = builder(cfg, tokenizer=tokenizer, seed=seed, vocab_size=vocab_size)
     if cfg.eval_path is not None:
-        held = builder(dataclasses.replace(cfg, path=cfg.eval_path), tokenizer=tokenizer, seed=seed,
+        held = builder(dataclasses.replace(cfg, path=cfg.eval_path, sources=[]), tokenizer=tokenizer, seed=seed,
                        vocab_size=vocab_size)
         _refuse_overlap(data, held)
         return data, held

@@ -17,6 +17,7 @@ from ftcluster.attention import register_s2_attention
 from ftcluster.config import JobConfig, ModelConfig
 from ftcluster.data.batch import Batch
 from ftcluster.longlora import S2_ATTN, apply_s2_group_size, apply_trainable_modules
+from ftcluster.model.packed import packed_attn_implementation, packed_hidden
 from ftcluster.objectives import Objective, build_objective
 from ftcluster.quant import logical_numel
 from ftcluster.rope import apply_rope_scaling
@@ -41,12 +42,15 @@ def build_hf_config(cfg: ModelConfig):  # type: ignore[no-untyped-def]
     return hf
 
 
-def build_meta_model(cfg: ModelConfig, hf_config) -> nn.Module:  # type: ignore[no-untyped-def]
+def build_meta_model(cfg: ModelConfig, hf_config, *, packed: bool = False) -> nn.Module:  # type: ignore[no-untyped-def]
     """The Hugging Face causal LM with every parameter on the meta device (no memory).
     Registers S2-Attn first when selected (transformers checks the name at construction), and
-    applies Liger's kernels (module-level class swaps in transformers) when `cfg.liger`."""
+    applies Liger's kernels (module-level class swaps in transformers) when `cfg.liger`. With
+    `packed` (training on packed rows) sdpa becomes the packed-attention dispatcher or
+    FlashAttention (ftcluster/model/packed.py)."""
     from transformers import AutoModelForCausalLM
 
+    attn = packed_attn_implementation(cfg.attn_implementation) if packed else cfg.attn_implementation
     if cfg.attn_implementation == S2_ATTN:
         register_s2_attention(S2_ATTN)
     if cfg.liger:
@@ -54,7 +58,7 @@ def build_meta_model(cfg: ModelConfig, hf_config) -> nn.Module:  # type: ignore[
 
         apply_liger_kernels(hf_config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attn_implementation,
+        return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn,
                                                 trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
 
 
@@ -128,10 +132,15 @@ class TrainModule(nn.Module):
             # first and without autograd (nothing of it is kept for backward). Inside the root's
             # forward, so every backend has the root's parameters gathered for both passes.
             with torch.no_grad(), self.model.disable_adapter():
-                ref_hidden = hf.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+                ref_hidden = self._hidden(batch)
                 batch = batch.with_reference(self.objective.reference_logps(ref_hidden, weight, batch))
-        hidden = hf.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state
-        return self.objective.head(hidden, weight, batch)
+        return self.objective.head(self._hidden(batch), weight, batch)
+
+    def _hidden(self, batch: Batch) -> torch.Tensor:
+        hf = self.hf_model
+        if batch.packed:  # several samples per row: positions restart, attention stays within each
+            return packed_hidden(hf.get_decoder(), batch, attn_implementation=hf.config._attn_implementation)
+        return hf.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state
 
 
 def greedy_generate(hf_model: nn.Module, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -156,11 +165,12 @@ class BuiltModule:
     """Global parameter counts (for the log and the MFU formula)."""
 
 
-def build_module(job: JobConfig, *, objective: Objective | None = None) -> BuiltModule:
+def build_module(job: JobConfig, *, objective: Objective | None = None, packed: bool = False) -> BuiltModule:
     """The trained module on the meta device (no memory): the same parameter names, shapes and
-    PEFT wrapping (QLoRA's NF4 layers included) for training, export and tests."""
+    PEFT wrapping (QLoRA's NF4 layers included) for training, export and tests. `packed`: it will
+    train on packed rows (the attention implementation that keeps samples apart)."""
     hf_config = build_hf_config(job.model)
-    hf_model = build_meta_model(job.model, hf_config)
+    hf_model = build_meta_model(job.model, hf_config, packed=packed)
     layers = find_decoder_layers(hf_model)
     trained = apply_peft(hf_model, job, layers=layers)
     if job.train.activation_checkpointing:
