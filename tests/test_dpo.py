@@ -3,7 +3,6 @@ paper's formula written out here, response log-probs, the adapters-disabled refe
 data (formats, truncation, bad rows naming file:line, pairs kept whole across ranks), config checks."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -86,28 +85,16 @@ def test_sequence_logps_match_log_softmax_in_every_chunking() -> None:
         assert torch.allclose(got, want, atol=1e-5) and counts.tolist() == [7, 7, 0, 7, 7, 7]
 
 
-def _tiny_llama():  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
-
-
 def test_adapters_disabled_reference_equals_the_base_model_bit_for_bit() -> None:
-    from peft import LoraConfig, get_peft_model
+    """The embedded tiny model with LoRA (built by build_module, weights from the asset): the
+    reference the module computes with its adapters disabled equals the plain transformers
+    model's log-probs bit for bit, while the policy (adapters on) differs."""
+    from transformers import AutoModelForCausalLM
 
     from ftcluster.data.preference import PreferenceBatch
-    from ftcluster.model.build import TrainModule
+    from ftcluster.model import build_module, materialize
 
-    base = _tiny_llama()
-    hf = copy.deepcopy(base)
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()  # adapters that change the output (B starts at zero)
+    job = compose_job("objective=dpo", "peft=lora", "peft.rank=4")
     seen = {}
 
     class Recording(DPO):
@@ -115,9 +102,15 @@ def test_adapters_disabled_reference_equals_the_base_model_bit_for_bit() -> None
             seen["ref"], seen["policy"] = batch.ref_logps, sequence_logps(hidden, weight, batch.labels, chunk_size=64)[0]
             return super().head(hidden, weight, batch)
 
-    module = TrainModule(model=peft_model, hf_model=hf,
-                         objective=Recording(cfg=DPOObjectiveConfig(), peft_method="lora", chunk_size=64))
-    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    built = build_module(job, objective=Recording(cfg=job.objective, peft_method="lora", chunk_size=64))
+    materialize(built.module, cfg=job.model, seed=0, device=torch.device("cpu"))
+    module = built.module
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # adapters that change the output (B starts at zero)
+    base = AutoModelForCausalLM.from_pretrained(ASSETS_DIR / "tiny-llama", local_files_only=True, dtype=torch.float32)
+    ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(1))
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, 5:11] = ids[:, 6:12]
     batch = PreferenceBatch(input_ids=ids, labels=labels, num_tokens=48, num_supervised=24, num_pairs=2, keys=(0, 1))
@@ -128,7 +121,7 @@ def test_adapters_disabled_reference_equals_the_base_model_bit_for_bit() -> None
     assert torch.equal(seen["ref"], want)  # bit for bit
     assert not torch.allclose(seen["policy"], want)  # the adapters were on for the policy
     loss.backward()
-    assert any(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert any(p.grad is not None for n, p in module.named_parameters() if "lora_" in n)
 
 
 # --- data -----------------------------------------------------------------------------------------

@@ -119,3 +119,18 @@ def test_demo_learns_the_preference_and_exports_to_transformers(tmp_path: Path) 
     with torch.no_grad():
         logits, base_logits = model(ids).logits, base(ids).logits
     assert torch.isfinite(logits).all() and not torch.allclose(logits, base_logits)
+
+
+def test_precomputed_reference_equals_the_on_the_fly_one(tmp_path: Path) -> None:
+    """LoRA lets both references run on the same job: precomputed before step 1 (stored, looked up
+    by row) and on the fly (adapters disabled, every micro-batch). In fp32 the losses are identical."""
+    common = ["objective=dpo", "peft=lora", "train.max_steps=2", "eval.max_batches=1", "eval.at_start=false",
+              "checkpoint.enabled=false", "train.dtype=fp32"]
+    runs = {}
+    for ref in ("precompute", "adapters"):
+        runs[ref] = tmp_path / ref
+        train_ok(*common, f"objective.reference={ref}", run=runs[ref], cwd=tmp_path)
+    assert losses(runs["precompute"]) == losses(runs["adapters"])
+    assert events(runs["precompute"], "eval")[-1]["eval_loss"] == events(runs["adapters"], "eval")[-1]["eval_loss"]
+    assert (runs["precompute"] / "reference_logps.train.safetensors").is_file()
+    assert not (runs["adapters"] / "reference_logps.train.safetensors").exists()
