@@ -1,4 +1,5 @@
-"""The `ftcluster` command: `ftcluster train [overrides]`, `ftcluster export ...`, `ftcluster report ...`.
+"""The `ftcluster` command: `ftcluster train [overrides]`, `ftcluster export ...`, `ftcluster generate ...`,
+`ftcluster report ...`.
 
 `train` is a Hydra application (so `--help`, `--cfg job`, `-m` sweeps and override grammar are
 Hydra's own). The driver composes and validates the config, resolves the run directory once, and
@@ -16,6 +17,8 @@ commands:
             (ftcluster train --help lists the config groups and every key)
   export    write a checkpoint as a Hugging Face PEFT adapter or (--merge) a merged model:
             ftcluster export <checkpoint or run dir> <out dir> [--best] [--merge] [--dtype bf16] [--max-shard-size 5GB]
+  generate  answer prompts with a run's newest checkpoint (or --best) or an export, in a few seconds:
+            ftcluster generate <run dir, checkpoint, export or adapter> --prompt "..." [--prompt ...] [--max-new-tokens 64]
   report    summarise a run dir (finished or still running): summary.json, a PNG of loss and throughput,
             a table: ftcluster report <run dir> [--out PNG]
 
@@ -35,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from ftcluster.export import export_command
 
         return export_command(rest)
+    if cmd == "generate":
+        from ftcluster.generate_cli import generate_command
+
+        return generate_command(rest)
     if cmd == "report":
         from ftcluster.report import report_command
 

@@ -102,3 +102,33 @@ def test_model_loads(tokenizer):
         logits = model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+def _greedy(model, tok, question: str, n: int = 32) -> str:
+    import torch
+
+    ids = torch.tensor([_ids(tok, [{"role": "user", "content": question}], True)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    return tok.decode(out[:out.index(tok.eos_token_id)] if tok.eos_token_id in out else out)
+
+
+def test_model_is_pretrained_on_other_tasks_than_the_sample_data(tokenizer):
+    """The shipped weights come from pretrain_tiny.py: the model answers the pretraining corpus's
+    kinds of question in the chat format (a random model answers nothing), and the corpus holds
+    none of the sample data's tasks, which fine-tuning is left to teach."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from ftcluster.assets import pretrain_tiny
+
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), local_files_only=True, use_safetensors=True).eval()
+    assert _greedy(model, tokenizer, 'What is the opposite of "hot"?') == 'The opposite of "hot" is "cold".'
+    assert _greedy(model, tokenizer, "What day comes after Monday?") == "After Monday comes Tuesday."
+    rng = random.Random(0)
+    users = [m["content"] for _ in range(3000) for m in pretrain_tiny.make_chat(rng) if m["role"] == "user"]
+    sample_tasks = ("capital", "plus", "minus", "times", "Reverse", "backwards", "Repeat", "repeat", "letters",
+                    "letter \"", "Convert", " are in ", "Hello", "Hi", "name is")
+    assert not [u for u in users if any(t in u for t in sample_tasks)]

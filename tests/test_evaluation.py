@@ -166,7 +166,8 @@ def test_sharded_eval_loss_equals_a_direct_computation(ranks: int, tmp_path: Pat
                        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, explain(p)
     out = json.loads((tmp_path / "out.json").read_text())
-    assert 5 < out["direct"] < 9  # the untrained tiny model: about ln(1024)
+    # The pretrained tiny base on the held-out set: well below an untrained model's ln(1024) = 6.93.
+    assert 4 < out["direct"] < math.log(1024) - 1
     for backend in ("fsdp2", "zero3"):
         assert out[backend] == pytest.approx(out["direct"], rel=1e-6, abs=0), backend
 

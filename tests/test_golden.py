@@ -1,10 +1,13 @@
 """Golden losses: behaviour must not change under a refactor.
 
 Each case is a short run of the embedded tiny model through the real CLI. Its per-step loss and
-gradient norm were recorded from the code *before* the Trainer/Objective/build_module refactor
-(commit c33716e, `FTCLUSTER_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py`) into
-tests/golden_losses.json. CPU training is deterministic, so the comparison is exact (==), not a
-tolerance: any change to the order of floating-point operations in the training step shows here.
+gradient norm are in tests/golden_losses.json, recorded with
+`FTCLUSTER_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py`: first from the code before the
+Trainer/Objective/build_module refactor (commit c33716e, random-init tiny model), then re-recorded
+once, in the commit that swapped in the pretrained tiny model (ftcluster/assets/pretrain_tiny.py),
+from the code at that commit (issue 16). CPU training is deterministic, so the comparison is exact
+(==), not a tolerance: any change to the order of floating-point operations in the training step
+shows here.
 """
 from __future__ import annotations
 
