@@ -577,27 +577,20 @@ def write_sweep_report(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def print_sweep(sweep_dir: Path, rows: list[dict], *, console=None) -> None:  # type: ignore[no-untyped-def]
-    """The table (rich), where the files are, and the best trial with its export command."""
-    from rich.console import Console
-    from rich.table import Table
-
+def print_sweep(sweep_dir: Path, rows: list[dict], *, out=None) -> None:  # type: ignore[no-untyped-def]
+    """The table (as results.md has it: wide rows read better unwrapped in a log), where the files
+    are, and the best trial with its export command."""
+    out = out or sys.stdout
     metric, _ = _sweep_settings(Path(sweep_dir))
-    header, body = _table(rows, metric)
-    table = Table(title=f"sweep {sweep_dir}", title_justify="left")
-    for h in header:
-        table.add_column(h, overflow="fold")
-    for row in body:
-        table.add_row(*row)
-    console = console or Console()
-    console.print(table)
-    console.print(f"table: {Path(sweep_dir) / RESULTS_MD} (and {RESULTS_CSV}); curves: {Path(sweep_dir) / CURVES_FILE}")
+    print(_markdown(rows, metric, sweep_dir=Path(sweep_dir)), file=out)
+    print(f"table: {Path(sweep_dir) / RESULTS_MD} (and {RESULTS_CSV}); curves: {Path(sweep_dir) / CURVES_FILE}", file=out)
     if rows and rows[0]["best"] is not None:
         best = rows[0]
-        console.print(f"best trial: {best['trial']} ({metric} {_fmt(best['best'])} at step {best['best_step']}; "
-                      f"{', '.join(f'{k}={v}' for k, v in best['params'].items())})", soft_wrap=True)
+        print(f"best trial: {best['trial']} ({metric} {_fmt(best['best'])} at step {best['best_step']}; "
+              f"{', '.join(f'{k}={v}' for k, v in best['params'].items())})", file=out)
         if best["checkpoint"]:
-            console.print(f"export it: {_export_command(best)}", soft_wrap=True)
+            print(f"export it: {_export_command(best)}", file=out)
+    out.flush()
 
 
 # --- the entry points -------------------------------------------------------------------------
@@ -628,7 +621,7 @@ def report_command(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if is_sweep_dir(args.run_dir):
         try:
-            print_sweep(args.run_dir, write_sweep_report(args.run_dir), console=Console())
+            print_sweep(args.run_dir, write_sweep_report(args.run_dir))
         except ReportError as e:
             print(f"ftcluster report: {e}", file=sys.stderr)
             return 2

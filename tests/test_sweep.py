@@ -111,6 +111,34 @@ def test_results_table_ranks_trials_by_their_own_metrics(tmp_path: Path) -> None
     assert sweep_rows(tmp_path) == rows  # the report reads files only: again, the same
 
 
+class _Trial:
+    """Stands in for a Tune Trial: ASHA reads only its id (and its config when logging)."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+        self.config: dict = {}
+
+
+def test_asha_stop_becomes_a_request_never_a_kill(tmp_path: Path) -> None:
+    from ftcluster.launch.tune import EARLY_STOP_FILE, GracefulASHA, trial_dir
+
+    asha = GracefulASHA(sweep_dir=str(tmp_path), time_attr="step", max_t=8, grace_period=2, reduction_factor=2)
+    assert asha.set_search_properties("eval_loss", "min")
+    good, bad = _Trial("t_00000"), _Trial("t_00001")
+    for t in (good, bad):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, good, {"step": 2, "eval_loss": 1.0}) == asha.CONTINUE
+    assert not trial_dir(tmp_path, good.trial_id).exists()
+    # Plain ASHA would STOP the worse trial here (and Tune would kill it): a request file instead.
+    assert asha.on_trial_result(None, bad, {"step": 2, "eval_loss": 5.0}) == asha.CONTINUE
+    request = trial_dir(tmp_path, bad.trial_id) / EARLY_STOP_FILE
+    assert request.read_text().startswith("step 2 eval_loss 5.0")
+    assert asha.on_trial_result(None, bad, {"step": 3, "eval_loss": 9.0}) == asha.CONTINUE  # until it stops itself
+    # At max_t ASHA says STOP for every trial: the trial is ending by itself, so no request.
+    assert asha.on_trial_result(None, good, {"step": 8, "eval_loss": 0.5}) == asha.CONTINUE
+    assert not trial_dir(tmp_path, good.trial_id).exists()
+
+
 # --- 2. end to end ------------------------------------------------------------------------------
 
 def _trial_dirs(sweep: Path) -> list[Path]:
@@ -226,3 +254,26 @@ def test_grid_multirun_on_the_local_launcher_writes_the_table(tmp_path: Path) ->
         assert float(row["best_eval_loss"]) == min(evals)
     assert (multi / "results.md").is_file() and (multi / "curves.png").is_file()
     assert str(REPO)  # (the CLI ran from tmp_path; conf comes from FTCLUSTER_CONF_DIR or the package)
+
+
+# --- the real Slurm: one allocation runs the whole sweep ------------------------------------------
+
+from test_slurm import _job_ids, slurm, wait_job  # noqa: E402,F401 - the one-node Slurm fixture and helpers
+
+
+@pytest.mark.slow
+def test_slurm_sweep_is_one_job_that_finishes_with_its_table(slurm: None, tmp_path: Path) -> None:  # noqa: F811
+    sweep = tmp_path / "sweep"
+    p = run_cli("sweep", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=0", "sweep.search=grid",
+                "optim.lr=choice(1e-3,1e-2)", "train.max_steps=4", "eval.every_steps=2", *TINY, f"run.dir={sweep}",
+                cwd=tmp_path)
+    assert p.returncode == 0, explain(p)
+    ids = _job_ids(p.stdout)
+    assert len(ids) == 1, p.stdout  # one allocation for the whole sweep
+    state, code, _ = wait_job(ids[0], deadline=time.time() + 480)
+    out = (sweep / f"slurm/submit-1/slurm-{ids[0]}.out").read_text()
+    assert (state, code) == ("COMPLETED", "0:0"), out[-4000:]
+    rows = _table(sweep)
+    assert sorted(float(r["optim.lr"]) for r in rows) == [1e-3, 1e-2]
+    assert all(r["status"] == "finished" and int(r["steps"]) == 4 for r in rows), rows
+    assert "best trial: " in out and (sweep / "curves.png").is_file()
