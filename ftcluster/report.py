@@ -455,7 +455,7 @@ def _trial_status(summary: dict, trial: dict) -> str:
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per trial run dir that has metrics, ranked by the sweep's metric (best first;
     trials without a value last)."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = Path(sweep_dir).resolve()  # absolute paths in the table, however the dir was named
     metric, higher = _sweep_settings(sweep_dir)
     rows = []
     for trial_file in sorted(sweep_dir.glob(f"*/{TRIAL_FILE}")):
