@@ -139,6 +139,23 @@ def test_asha_stop_becomes_a_request_never_a_kill(tmp_path: Path) -> None:
     assert not trial_dir(tmp_path, good.trial_id).exists()
 
 
+def test_early_stop_request_file_is_a_stop_early_request_of_the_main_rank(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    from ftcluster.preemption import EARLY_STOP, EARLY_STOP_REQUEST_ENV, NONE, StopReason, StopRequests
+
+    request = tmp_path / "early-stop-request"
+    monkeypatch.setenv(EARLY_STOP_REQUEST_ENV, str(request))
+    main, other = StopRequests(is_main=True), StopRequests(is_main=False)
+    try:
+        assert main.local() == NONE
+        request.write_text("step 5\n")
+        assert (main.local(), other.local()) == (EARLY_STOP, NONE)  # rank 0 looks; the all-reduce tells the rest
+        assert StopReason(EARLY_STOP) == StopReason.EARLY_STOPPED  # the trainer's stop reason: checkpoint, exit 0
+    finally:
+        other.close()
+        main.close()
+
+
 # --- 2. end to end ------------------------------------------------------------------------------
 
 def _trial_dirs(sweep: Path) -> list[Path]:
