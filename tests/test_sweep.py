@@ -156,6 +156,27 @@ def test_early_stop_request_file_is_a_stop_early_request_of_the_main_rank(monkey
         main.close()
 
 
+def test_optuna_search_suggests_points_of_the_space(tmp_path: Path) -> None:
+    """sweep.search=optuna is Ray Tune's Optuna integration (TPE), seeded, behind the concurrency limit."""
+    pytest.importorskip("optuna")
+    from ftcluster.launch.space import parse_space, tune_space
+    from ftcluster.launch.tune import _searcher
+    from ftcluster.sweep import compose_sweep
+
+    _, job = compose_sweep(["sweep=optuna", "optim.lr=tag(log,interval(1e-4,1e-1))", "peft=lora",
+                            "peft.rank=choice(8,16)", "sweep.max_concurrent_trials=2", f"run.dir={tmp_path}"])
+    searcher = _searcher(job)
+    assert type(searcher).__name__ == "ConcurrencyLimiter" and searcher.max_concurrent == 2
+    assert searcher.set_search_properties("eval_loss", "min", tune_space(parse_space(job.sweep.params), grid=False))
+    points = [searcher.suggest(f"t{i}") for i in range(3)]
+    assert points[2] is None  # the third waits for one of the two running trials
+    for point in points[:2]:
+        assert 1e-4 <= point["optim.lr"] <= 1e-1 and point["peft.rank"] in (8, 16)
+    again = _searcher(job)
+    again.set_search_properties("eval_loss", "min", tune_space(parse_space(job.sweep.params), grid=False))
+    assert again.suggest("t0") == points[0]  # seeded by job.seed: the same sweep samples the same points
+
+
 # --- 2. end to end ------------------------------------------------------------------------------
 
 def _trial_dirs(sweep: Path) -> list[Path]:
