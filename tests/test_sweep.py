@@ -189,13 +189,16 @@ def _table(sweep: Path) -> list[dict]:
 
 
 def _wait_for_finished_trial(proc: subprocess.Popen, sweep: Path, timeout: float) -> Path:
-    """The first trial Tune has recorded as TERMINATED (trial.json), while the driver still runs."""
+    """The first trial Tune has recorded as TERMINATED (trial.json), once the next trial has logged
+    (by then Tune has saved its experiment state with the first one finished: it saves every
+    second, TUNE_GLOBAL_CHECKPOINT_S), while the driver still runs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        for d in _trial_dirs(sweep):
-            t = json.loads((d / "trial.json").read_text()) if (d / "trial.json").is_file() else {}
-            if t.get("tune_status") == "TERMINATED":
-                return d
+        dirs = _trial_dirs(sweep)
+        done = [d for d in dirs if (d / "trial.json").is_file()
+                and json.loads((d / "trial.json").read_text()).get("tune_status") == "TERMINATED"]
+        if done and any((d / "metrics.jsonl").is_file() for d in dirs if d != done[0]):
+            return done[0]
         time.sleep(0.5)
     raise AssertionError(f"no trial finished within {timeout} s (driver exit {proc.poll()})")
 
@@ -259,7 +262,7 @@ def test_asha_sweep_killed_and_continued(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_crashed_trial_is_retried_from_its_checkpoint_and_continues_its_wandb_run(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    p = run_cli("sweep", "sweep.search=grid", "sweep.num_samples=1", "optim.lr=choice(3e-3)", "sweep.max_failures=1",
+    p = run_cli("sweep", "sweep=grid", "optim.lr=choice(3e-3)", "sweep.max_failures=1",
                 "sweep.name=retry",
                 "launcher.address=local", "launcher.num_workers=2", "train.max_steps=6", "eval.every_steps=3",
                 "checkpoint.every_steps=2", "debug.fail_at_step=5", "logger=wandb", *TINY, f"run.dir={sweep}",
@@ -303,7 +306,7 @@ from test_slurm import _job_ids, slurm, wait_job  # noqa: E402,F401 - the one-no
 @pytest.mark.slow
 def test_slurm_sweep_is_one_job_that_finishes_with_its_table(slurm: None, tmp_path: Path) -> None:  # noqa: F811
     sweep = tmp_path / "sweep"
-    p = run_cli("sweep", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=0", "sweep.search=grid",
+    p = run_cli("sweep", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=0", "sweep=grid",
                 "optim.lr=choice(1e-3,1e-2)", "train.max_steps=4", "eval.every_steps=2", *TINY, f"run.dir={sweep}",
                 cwd=tmp_path)
     assert p.returncode == 0, explain(p)

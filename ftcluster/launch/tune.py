@@ -35,10 +35,9 @@ from ftcluster.config import ConfigError, JobConfig, RayLauncherConfig
 from ftcluster.launch.space import parse_space, point_of, trial_job, trial_seed, tune_space
 from ftcluster.preemption import EARLY_STOP_REQUEST_ENV
 
-SWEEP_FILE = "sweep.json"
-"""<sweep dir>/sweep.json: the space, metric and mode (the report reads them; marks a sweep dir)."""
-TRIAL_FILE = "trial.json"
-"""<trial run dir>/trial.json: the trial's id, point and Tune's verdict."""
+# <sweep dir>/sweep.json: the space, metric and mode (the report reads them; marks a sweep dir for
+# the Slurm job entry); <trial run dir>/trial.json: the trial's id, point and Tune's verdict.
+from ftcluster.report import SWEEP_FILE, TRIAL_FILE  # noqa: E402 - the report reads what the sweep writes
 EARLY_STOP_FILE = "early-stop-request"
 TUNE_DIR = "tune"
 TRIAL_CPU = 0.01
@@ -100,7 +99,8 @@ def _tuner(job: JobConfig, sweep_dir: Path):  # type: ignore[no-untyped-def]
     from ray import tune
 
     s = job.sweep
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=job, sweep_dir=str(sweep_dir)),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=job, sweep_dir=str(sweep_dir),
+                                                         driver_cwd=os.getcwd()),
                                     {"CPU": TRIAL_CPU})
     path = sweep_dir / TUNE_DIR
     if tune.Tuner.can_restore(str(path)):
@@ -230,10 +230,15 @@ class GracefulASHA(_ASHA):
 
 # --- each trial ---------------------------------------------------------------------------------
 
-def run_trial(config: dict, *, base: JobConfig, sweep_dir: str) -> None:
+def run_trial(config: dict, *, base: JobConfig, sweep_dir: str, driver_cwd: str = "") -> None:
     """A Tune function trial: this point's job through Ray Train, its eval records reported to Tune.
     Raises when training fails, so Tune retries it (sweep.max_failures) from its checkpoints."""
     from ray import tune
+
+    if driver_cwd and os.path.isdir(driver_cwd):
+        # Relative paths in the config were validated from the driver's working directory; Tune
+        # starts a trial in a directory of its own (and the Ray workers take this one, launcher=ray).
+        os.chdir(driver_cwd)
 
     trial_id = tune.get_context().get_trial_id()
     index = int(trial_id.rsplit("_", 1)[-1]) if trial_id.rsplit("_", 1)[-1].isdigit() else 0
