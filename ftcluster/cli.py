@@ -15,6 +15,9 @@ USAGE = """usage: ftcluster <command> [args]
 commands:
   train     fine-tune a model: ftcluster train [group=option ...] [key=value ...]
             (ftcluster train --help lists the config groups and every key)
+  sweep     hyperparameter search with Ray Tune (random, grid, optuna; ASHA early stopping), same overrides
+            as train plus Hydra sweep syntax: ftcluster sweep optim.lr='tag(log,interval(1e-5,1e-3))' ...
+            (results.md, results.csv and curves.png in the sweep dir)
   export    write a checkpoint as a Hugging Face PEFT adapter or (--merge) a merged model:
             ftcluster export <checkpoint or run dir> <out dir> [--best] [--merge] [--dtype bf16] [--max-shard-size 5GB]
   generate  answer prompts with a run's newest checkpoint (or --best) or an export, in a few seconds:
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return train_command(rest)
+    if cmd == "sweep":
+        from ftcluster.sweep import sweep_command
+
+        return sweep_command(rest)
     if cmd == "export":
         from ftcluster.export import export_command
 
@@ -60,7 +67,9 @@ def train_command(overrides: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
     def _train(cfg) -> int:  # type: ignore[no-untyped-def]
-        _sweep_point_run_dir(cfg)
+        point = _sweep_point_run_dir(cfg)
+        if point is not None:
+            result["multirun_dir"], result["slurm"] = point, cfg.launcher.kind == "slurm"
         code = drive(cfg)
         result["code"] = max(result["code"], code)
         return code
@@ -72,21 +81,41 @@ def train_command(overrides: list[str]) -> int:
         _train()
     finally:
         sys.argv = saved
+    if "multirun_dir" in result:  # every point ran (or, for Slurm, was submitted): the table, as a sweep's
+        _multirun_report(Path(result["multirun_dir"]), submitted=result.get("slurm", False))
     return result["code"]
 
 
-def _sweep_point_run_dir(cfg) -> None:  # type: ignore[no-untyped-def]
+def _multirun_report(multirun_dir: Path, *, submitted: bool) -> None:
+    from ftcluster.report import ReportError, print_sweep, write_sweep_report
+
+    if submitted:
+        print(f"ftcluster: once the jobs have finished: ftcluster report {multirun_dir}", flush=True)
+        return
+    try:
+        print_sweep(multirun_dir, write_sweep_report(multirun_dir))
+    except ReportError as e:
+        print(f"ftcluster: could not write the multirun table: {e}", file=sys.stderr)
+
+
+def _sweep_point_run_dir(cfg) -> str | None:  # type: ignore[no-untyped-def]
     """Multirun (`-m`): every sweep point gets its own run dir, `<hydra.sweep.dir>/<hydra.sweep.subdir>`,
-    i.e. `<run.dir>/<n>` (conf/config.yaml), set here before validation. Single runs keep run.dir."""
+    i.e. `<run.dir>/<n>` (conf/config.yaml), set here before validation, with its overrides in
+    trial.json for the multirun's results table. Returns the multirun dir; None for a single run."""
+    import json
+
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
-        return
+        return None
     cfg.run.dir = hc.runtime.output_dir  # absolute; Hydra has created it
+    params = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
+    (Path(cfg.run.dir) / "trial.json").write_text(json.dumps({"trial": str(hc.job.num), "params": params}) + "\n")
     print(f"ftcluster: sweep point {hc.job.num} ({' '.join(hc.overrides.task) or 'no overrides'}): "
           f"run dir {cfg.run.dir}", flush=True)
+    return str(Path(cfg.run.dir).parent)
 
 
 def drive(cfg) -> int:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import MISSING
 
@@ -967,6 +967,72 @@ class DebugConfig:
         _require(self.nan_at_step >= 0, "debug.nan_at_step", "must be >= 0")
 
 
+SWEEP_SEARCHES = ("random", "grid", "optuna")
+SWEEP_SCHEDULERS = ("fifo", "asha")
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """`ftcluster sweep`: Ray Tune over trials that are each this job (ftcluster/launch/tune.py).
+    `ftcluster train` ignores this group. Per-trial resources are the Ray launcher's
+    (`launcher.num_workers` x `launcher.gpus_per_worker`, `launcher.cpus_per_worker`)."""
+    name: Optional[str] = None
+    """The sweep's name: the W&B group of every trial; unset: run.name."""
+    params: Dict[str, str] = field(default_factory=dict)
+    """Search space: config key -> Hydra sweep expression, as on the command line, e.g.
+    `optim.lr: tag(log,interval(1e-5,1e-3))` (log-uniform), `interval(a,b)` (uniform),
+    `choice(8,16,32)`, `range(0,100,step=50)` (discrete). Sweep overrides on the command line are
+    added to these."""
+    search: str = "random"
+    """`random` (Tune's random sampling), `grid` (every combination of choice/range values; no
+    interval) or `optuna` (TPE through Ray Tune's Optuna integration: pip install optuna)."""
+    num_samples: int = 4
+    """Trials to run (random, optuna); with `grid`, how many times the whole grid is repeated."""
+    scheduler: str = "fifo"
+    """`fifo` (every trial runs to train.max_steps) or `asha` (Tune's ASHA stops trials whose metric
+    falls behind at its rungs; a stopped trial ends at a step boundary with a committed checkpoint)."""
+    grace_evals: int = 1
+    """ASHA: evaluations (of eval.every_steps steps each) a trial runs before it can be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: rungs are grace x factor^k steps apart, and 1/factor of the trials pass each rung."""
+    metric: str = "eval_loss"
+    """The eval record key trials are ranked and scheduled by."""
+    mode: str = "auto"
+    """`min`, `max`, or `auto`: min for loss and perplexity, max otherwise."""
+    max_concurrent_trials: int = 1
+    """Trials running at once (each takes launcher.num_workers workers' resources)."""
+    max_failures: int = 0
+    """Times a crashed trial is retried (it resumes from its newest committed checkpoint)."""
+    same_seed: bool = False
+    """True: every trial uses `seed`; false: trial n uses seed + n (its own weights noise, data order)."""
+    trial_workers: Optional[int] = None
+    """launcher=slurm: Ray workers (ranks) per trial inside the allocation; unset: one node's
+    (launcher.gpus_per_node, 1 on CPU nodes). With launcher=ray the trial size is launcher.num_workers."""
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "max"
+        return not any(k in self.metric for k in ("loss", "ppl"))
+
+    def validate(self) -> None:
+        _require(self.name is None or (bool(self.name) and "/" not in self.name), "sweep.name",
+                 f"must be a non-empty name without '/'; got {self.name!r}")
+        _one_of(self.search, "sweep.search", SWEEP_SEARCHES)
+        _one_of(self.scheduler, "sweep.scheduler", SWEEP_SCHEDULERS)
+        _require(self.num_samples >= 1, "sweep.num_samples", f"must be >= 1; got {self.num_samples}")
+        _require(self.grace_evals >= 1, "sweep.grace_evals", f"must be >= 1; got {self.grace_evals}")
+        _require(self.reduction_factor > 1, "sweep.reduction_factor", f"must be > 1; got {self.reduction_factor}")
+        _require(self.metric.startswith("eval_"), "sweep.metric",
+                 f"must name an eval record key (eval_loss, ...); got {self.metric!r}")
+        _one_of(self.mode, "sweep.mode", EVAL_MODES)
+        _require(self.max_concurrent_trials >= 1, "sweep.max_concurrent_trials",
+                 f"must be >= 1; got {self.max_concurrent_trials}")
+        _require(self.max_failures >= 0, "sweep.max_failures", f"must be >= 0; got {self.max_failures}")
+        _require(self.trial_workers is None or self.trial_workers >= 1, "sweep.trial_workers",
+                 f"must be >= 1; got {self.trial_workers}")
+
+
 RESUME_KEYWORDS = ("auto", "never")
 
 
@@ -1003,11 +1069,13 @@ class JobConfig:
     """Metrics logging (`logger=none|wandb`)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Test hooks (failure injection)."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """`ftcluster sweep` only: the search space, search, scheduler and metric."""
 
     def validate(self) -> "JobConfig":
         """Check every group, then the cross-field rules. Raises ConfigError naming the key."""
         for group in (self.run, self.model, self.data, self.peft, self.objective, self.parallel, self.launcher,
-                      self.train, self.optim, self.checkpoint, self.eval, self.logger, self.debug):
+                      self.train, self.optim, self.checkpoint, self.eval, self.logger, self.debug, self.sweep):
             group.validate()
         self._validate_eval()
         _require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")

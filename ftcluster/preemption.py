@@ -4,6 +4,8 @@ Three ways to ask a run to stop, all launcher-agnostic:
   SIGUSR1   preempt: checkpoint, stop cleanly, expect to be resumed (train() returns normally)
   SIGTERM   terminate (scancel, time limit, node failure): best-effort checkpoint, then exit 143
   SIGINT    interrupt (Ctrl-C): checkpoint as for SIGTERM, then exit 130; a second Ctrl-C aborts
+  early-stop file  stop early (a sweep scheduler's decision), when $FTCLUSTER_EARLY_STOP_REQUEST
+            names a file that exists: checkpoint, an `early_stopped` event, a successful end.
   request file  preempt, when $FTCLUSTER_PREEMPT_REQUEST names a file that exists. Rank 0 alone
             looks (one stat per step). The Slurm batch script creates it when Slurm sends the batch
             shell USR1 (`--signal=B:USR1@N`, `scancel --signal=USR1 --batch`): a file reaches ranks
@@ -29,9 +31,12 @@ import torch.distributed as dist
 
 PREEMPT_REQUEST_ENV = "FTCLUSTER_PREEMPT_REQUEST"
 PREEMPT_SAVED_ENV = "FTCLUSTER_PREEMPT_SAVED"
+EARLY_STOP_REQUEST_ENV = "FTCLUSTER_EARLY_STOP_REQUEST"
 
-NONE, PREEMPT, TERMINATE, INTERRUPT = 0, 1, 2, 3
-"""Requests, ordered: when ranks disagree, the strongest wins."""
+NONE, PREEMPT, TERMINATE, INTERRUPT, EARLY_STOP = 0, 1, 2, 3, 4
+"""Requests, ordered: when ranks disagree, the strongest wins. (EARLY_STOP, a sweep scheduler's
+request file read by rank 0 alone, is numbered as StopReason.EARLY_STOPPED; every request
+checkpoints, and an early stop ends the trial as finished.)"""
 REASONS = {PREEMPT: "preempt", TERMINATE: "terminate", INTERRUPT: "interrupt"}
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 """Exit status of a run stopped by SIGTERM (after its best-effort checkpoint), as if killed by it."""
@@ -68,6 +73,7 @@ class StopRequests:
         self._request = NONE
         self._is_main = is_main
         self._request_file = os.environ.get(PREEMPT_REQUEST_ENV) or None
+        self._early_stop_file = os.environ.get(EARLY_STOP_REQUEST_ENV) or None
         self._previous: dict[int, object] = {}
         # Python runs handlers in the main thread only; elsewhere (Ray Train's training thread)
         # only the request file works.
@@ -85,6 +91,8 @@ class StopRequests:
     def local(self) -> int:
         if self._request == NONE and self._is_main and self._request_file and os.path.exists(self._request_file):
             self._request = PREEMPT
+        if self._request == NONE and self._is_main and self._early_stop_file and os.path.exists(self._early_stop_file):
+            self._request = EARLY_STOP
         return self._request
 
     def agreed(self, device: torch.device) -> torch.Tensor:

@@ -200,7 +200,8 @@ def _status(run: RunLog) -> str:
     closing = run.segments[-1].closing
     if closing is None:
         return "running"
-    if closing["event"] == "early_stop" or (closing["event"] == "end" and run.named("early_stop")):
+    if closing["event"] == "early_stop" or (closing["event"] == "end" and (run.named("early_stop")
+                                                                           or run.named("early_stopped"))):
         return "early_stop"
     return "finished" if closing["event"] == "end" else closing["event"]
 
@@ -236,7 +237,7 @@ def _summarize(run: RunLog) -> dict[str, Any]:
         "tokens_seen": tokens,
         "checkpoint": _newest_checkpoint(run.run_dir),
         "best": _read_best(run.run_dir),
-        "early_stopped": bool(early),
+        "early_stopped": bool(early or run.named("early_stopped")),
         "early_stop": {k: v for k, v in early[-1].items() if k != "event"} if early else None,
         "world_size": next((s.opening["world_size"] for s in reversed(run.segments) if "world_size" in s.opening), None),
     }
@@ -422,6 +423,176 @@ def print_summary(summary: dict, *, console=None) -> None:  # type: ignore[no-un
     (console or Console()).print(table)
 
 
+# --- a sweep: one row per trial ----------------------------------------------------------------
+
+SWEEP_FILE = "sweep.json"  # written by `ftcluster sweep` (ftcluster.launch.tune): metric, mode, space
+TRIAL_FILE = "trial.json"  # in each trial's (or multirun point's) run dir: its params, Tune's verdict
+RESULTS_CSV, RESULTS_MD, CURVES_FILE = "results.csv", "results.md", "curves.png"
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """A sweep or multirun dir: no metrics of its own, trial run dirs below it."""
+    path = Path(path)
+    return not (path / METRICS_FILE).is_file() and any(path.glob(f"*/{TRIAL_FILE}"))
+
+
+def _sweep_settings(sweep_dir: Path) -> tuple[str, bool]:
+    """The metric trials are ranked by and whether higher is better (sweep.json; a multirun: eval_loss)."""
+    path = sweep_dir / SWEEP_FILE
+    spec = json.loads(path.read_text()) if path.is_file() else {}
+    metric = spec.get("metric", "eval_loss")
+    mode = spec.get("mode", "auto")
+    return metric, (higher_is_better(metric) if mode == "auto" else mode == "max")
+
+
+def _trial_status(summary: dict, trial: dict) -> str:
+    status = {"early_stop": "early_stopped"}.get(summary["status"], summary["status"])
+    if trial.get("tune_status") == "ERROR" and status not in ("finished", "early_stopped"):
+        return "failed"
+    return status
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial run dir that has metrics, ranked by the sweep's metric (best first;
+    trials without a value last)."""
+    sweep_dir = Path(sweep_dir).resolve()  # absolute paths in the table, however the dir was named
+    metric, higher = _sweep_settings(sweep_dir)
+    rows = []
+    for trial_file in sorted(sweep_dir.glob(f"*/{TRIAL_FILE}")):
+        run_dir = trial_file.parent
+        trial = json.loads(trial_file.read_text())
+        if not (run_dir / METRICS_FILE).is_file():
+            rows.append({"trial": run_dir.name, "params": trial.get("params", {}), "status":
+                         "failed" if trial.get("tune_status") == "ERROR" else "pending", "steps": 0, "best": None,
+                         "best_step": None, "final": None, "tokens_per_s": None, "wall_time_s": 0.0,
+                         "checkpoint": None, "run_dir": str(run_dir), "curve": []})
+            continue
+        run = load_run(run_dir)
+        summary = _summarize(run)
+        item = summary["eval"].get(metric) or {}
+        curve = [(st, e[metric]) for st, e in sorted(_eval_series(run).items()) if isinstance(e.get(metric), (int, float))]
+        rows.append({"trial": run_dir.name, "params": trial.get("params", {}), "status": _trial_status(summary, trial),
+                     "steps": summary["steps"], "best": item.get("best"), "best_step": item.get("best_step"),
+                     "final": item.get("last"), "tokens_per_s": summary["tokens_per_s"],
+                     "wall_time_s": summary["wall_time_s"], "checkpoint": _export_target(summary),
+                     "run_dir": str(run_dir), "curve": curve})
+    sign = -1 if higher else 1
+    rows.sort(key=lambda r: (r["best"] is None, sign * r["best"] if r["best"] is not None else 0, r["trial"]))
+    return rows
+
+
+def _param_keys(rows: list[dict]) -> list[str]:
+    """The keys whose values differ between trials (a multirun point's overrides include the constant ones)."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    if len(rows) < 2:
+        return keys
+    return [k for k in keys if len({str(r["params"].get(k)) for r in rows}) > 1]
+
+
+def _table(rows: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
+    keys = _param_keys(rows)
+    header = ["trial", *keys, "status", "steps", f"best {metric}", "best step", f"final {metric}", "tokens/s",
+              "wall time", "best checkpoint"]
+    body = [[r["trial"], *(f"{r['params'][k]:.4g}" if isinstance(r["params"].get(k), float) else str(r["params"].get(k, ""))
+                           for k in keys),
+             r["status"], str(r["steps"]), _fmt(r["best"]), str(r["best_step"] if r["best_step"] is not None else "n/a"),
+             _fmt(r["final"]), _fmt(r["tokens_per_s"], ",.0f"), hms(r["wall_time_s"]), r["checkpoint"] or "none"]
+            for r in rows]
+    return header, body
+
+
+def _write_csv(path: Path, rows: list[dict], metric: str) -> None:
+    import csv
+    import io
+
+    keys = _param_keys(rows)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial", *keys, "status", "steps", f"best_{metric}", "best_step", f"final_{metric}", "tokens_per_s",
+                "wall_time_s", "best_checkpoint", "run_dir"])
+    for r in rows:
+        w.writerow([r["trial"], *(r["params"].get(k, "") for k in keys), r["status"], r["steps"],
+                    "" if r["best"] is None else r["best"], "" if r["best_step"] is None else r["best_step"],
+                    "" if r["final"] is None else r["final"], "" if r["tokens_per_s"] is None else r["tokens_per_s"],
+                    round(r["wall_time_s"], 1), r["checkpoint"] or "", r["run_dir"]])
+    _atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _markdown(rows: list[dict], metric: str, *, sweep_dir: Path) -> str:
+    header, body = _table(rows, metric)
+    lines = [f"# {sweep_dir.name}: {len(rows)} trial(s), ranked by {metric}", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+    stopped = sum(1 for r in rows if r["status"] == "early_stopped")
+    lines += ["", f"{stopped} trial(s) stopped early."]
+    if rows and rows[0]["checkpoint"]:
+        lines += ["", f"Best: {rows[0]['trial']}; export it with `{_export_command(rows[0])}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _export_command(row: dict) -> str:
+    return f"ftcluster export {shlex.quote(str(row['checkpoint']))} {shlex.quote(str(Path(row['run_dir']) / 'export'))}"
+
+
+def _curves_png(rows: list[dict], metric: str, *, title: str) -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIG_INCHES, dpi=FIG_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for r in sorted(rows, key=lambda r: r["trial"]):
+        if not r["curve"]:
+            continue
+        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                           for k, v in r["params"].items())
+        line, = ax.plot(*zip(*r["curve"]), marker="o", markersize=4, linewidth=1.5,
+                        label=f"{r['trial']} ({params}): {r['status'].replace('_', ' ')}")
+        if r["status"] == "early_stopped":  # where ASHA (or early stopping) ended it
+            ax.plot([r["curve"][-1][0]], [r["curve"][-1][1]], marker="X", markersize=12, color=line.get_color(),
+                    markeredgecolor="black", linestyle="none")
+    if not any(r["curve"] for r in rows):
+        ax.text(0.5, 0.5, "no evaluations logged yet", ha="center", va="center", transform=ax.transAxes, fontsize=14)
+    _style(ax, title=title, ylabel=metric)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=9, framealpha=0.8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=FIG_DPI)
+    return buf.getvalue()
+
+
+def write_sweep_report(sweep_dir: Path) -> list[dict[str, Any]]:
+    """results.csv, results.md and curves.png (the metric against step, every trial) in the sweep
+    (or multirun) dir; returns the rows, best first. Also while the sweep runs."""
+    sweep_dir = Path(sweep_dir)
+    metric, _ = _sweep_settings(sweep_dir)
+    rows = sweep_rows(sweep_dir)
+    _write_csv(sweep_dir / RESULTS_CSV, rows, metric)
+    _atomic_write_bytes(sweep_dir / RESULTS_MD, _markdown(rows, metric, sweep_dir=sweep_dir).encode())
+    stopped = sum(1 for r in rows if r["status"] == "early_stopped")
+    title = f"{sweep_dir.name}: {metric} of {len(rows)} trial(s), {stopped} stopped early"
+    _atomic_write_bytes(sweep_dir / CURVES_FILE, _curves_png(rows, metric, title=title))
+    return rows
+
+
+def print_sweep(sweep_dir: Path, rows: list[dict], *, out=None) -> None:  # type: ignore[no-untyped-def]
+    """The table (as results.md has it: wide rows read better unwrapped in a log), where the files
+    are, and the best trial with its export command."""
+    out = out or sys.stdout
+    metric, _ = _sweep_settings(Path(sweep_dir))
+    print(_markdown(rows, metric, sweep_dir=Path(sweep_dir)), file=out)
+    print(f"table: {Path(sweep_dir) / RESULTS_MD} (and {RESULTS_CSV}); curves: {Path(sweep_dir) / CURVES_FILE}", file=out)
+    if rows and rows[0]["best"] is not None:
+        best = rows[0]
+        print(f"best trial: {best['trial']} ({metric} {_fmt(best['best'])} at step {best['best_step']}; "
+              f"{', '.join(f'{k}={v}' for k, v in best['params'].items())})", file=out)
+        if best["checkpoint"]:
+            print(f"export it: {_export_command(best)}", file=out)
+    out.flush()
+
+
 # --- the entry points -------------------------------------------------------------------------
 
 
@@ -448,6 +619,13 @@ def report_command(argv: list[str]) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="where to write the PNG (default RUN_DIR/report.png)")
     args = p.parse_args(argv)
+    if is_sweep_dir(args.run_dir):
+        try:
+            print_sweep(args.run_dir, write_sweep_report(args.run_dir))
+        except ReportError as e:
+            print(f"ftcluster report: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         report_run(args.run_dir, out=args.out, console=Console())
     except ReportError as e:

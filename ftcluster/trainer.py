@@ -112,7 +112,7 @@ class Trainer:
             if stop != StopReason.FINISHED:
                 if not saved and self.job.checkpoint.enabled:
                     self.save(step)  # an agreed stop request: checkpoint unless this step just did
-                return self.stop(stop)
+                return self.stop(stop, requested=not verdict.early_stop)
         return self.finish()
 
     # --- one optimizer step ---------------------------------------------------------------------
@@ -234,10 +234,15 @@ class Trainer:
 
     # --- the end --------------------------------------------------------------------------------
 
-    def stop(self, reason: StopReason) -> StopReason:
+    def stop(self, reason: StopReason, *, requested: bool = True) -> StopReason:
         """An agreed stop request or early stopping, after its checkpoint: record it and hand the
-        reason back."""
+        reason back. `requested`: the stop came from outside (a signal, a request file), not from
+        this run's own eval.early_stopping."""
         if reason == StopReason.EARLY_STOPPED:
+            if requested:  # a sweep scheduler (ASHA) asked: the trial ends as finished, stopped early
+                newest = self.ckpt.latest() if self.job.checkpoint.enabled else None
+                self.metrics.event("early_stopped", step=self.progress.step, by="request",
+                                   checkpoint=str(newest) if newest else None)
             return self.finish(reason)
         newest = self.ckpt.latest() if self.job.checkpoint.enabled else None
         log.info("stopped after step %d (%s); %s", self.progress.step, reason.name.lower(),

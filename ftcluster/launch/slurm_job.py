@@ -148,6 +148,27 @@ def ray_config(job: JobConfig, *, address: str, nodes: int) -> RayLauncherConfig
     return cfg
 
 
+def is_sweep(run_dir: Path) -> bool:
+    """The run dir is a sweep's (`ftcluster sweep` wrote its sweep.json before submitting)."""
+    from ftcluster.launch.tune import SWEEP_FILE
+
+    return (run_dir / SWEEP_FILE).is_file()
+
+
+def sweep_ray_config(job: JobConfig, *, address: str) -> RayLauncherConfig:
+    """The Ray launcher settings of each trial of a sweep in this allocation: sweep.trial_workers
+    workers (default one node's: a GPU each, or one CPU worker)."""
+    c: SlurmLauncherConfig = job.launcher
+    per_node = max(1, c.gpus_per_node)
+    cfg = RayLauncherConfig(
+        address=address, num_workers=job.sweep.trial_workers or per_node, gpus_per_worker=1 if c.gpus_per_node else 0,
+        cpus_per_worker=max(1, (c.cpus_per_task or per_node) // per_node), placement_strategy="PACK",
+        max_failures=c.ray_max_failures,
+    )
+    cfg.validate()
+    return cfg
+
+
 def run_ray(job: JobConfig, run_dir: Path, *, address: str, nodes: int, wait_s: float) -> int:
     from ftcluster.launch import ray as ray_launcher  # sets Ray Train's environment defaults
 
@@ -159,8 +180,13 @@ def run_ray(job: JobConfig, run_dir: Path, *, address: str, nodes: int, wait_s: 
         print(f"ftcluster: {e}", file=sys.stderr, flush=True)
         return 1
     try:
-        rc = ray_launcher.launch_ray(dataclasses.replace(job, launcher=ray_config(job, address=address, nodes=nodes)),
-                                     run_dir)
+        if is_sweep(run_dir):  # `ftcluster sweep launcher=slurm`: the allocation runs the whole sweep
+            from ftcluster.launch.tune import run_sweep
+
+            rc = run_sweep(dataclasses.replace(job, launcher=sweep_ray_config(job, address=address)), run_dir)
+        else:
+            rc = ray_launcher.launch_ray(dataclasses.replace(job, launcher=ray_config(job, address=address, nodes=nodes)),
+                                         run_dir)
     finally:
         ray.shutdown()
     if rc == 0:

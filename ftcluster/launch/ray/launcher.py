@@ -59,6 +59,12 @@ def _connect(cfg: RayLauncherConfig) -> bool:
     return True
 
 
+def run_workers(job: JobConfig, run_dir: Path) -> int:
+    """The workers of one run on the Ray cluster this process is connected to (a sweep's trial
+    calls this inside its Tune trial); the exit code."""
+    return _run(job, run_dir, job.launcher)
+
+
 def _run(job: JobConfig, run_dir: Path, cfg: RayLauncherConfig) -> int:
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError
