@@ -170,3 +170,17 @@ def record_resume(run_dir: Path, segment: ResumeSegment) -> None:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(_json.dumps({"event": "config_change", "step": segment.step, "changed": segment.changed,
                                  "checkpoint": str(segment.checkpoint)}) + "\n")
+
+
+def nothing_to_do(job: JobConfig, segment: ResumeSegment) -> str:
+    """What the driver says, instead of launching, when the checkpoint it would resume from has
+    already reached train.max_steps (a second `ftcluster train` of a finished run)."""
+    import shlex
+
+    run_dir = run_dir_of(job)
+    return (f"ftcluster: nothing to do: {run_dir} is at step {segment.step} and train.max_steps={job.train.max_steps} "
+            f"(checkpoint {segment.checkpoint}).\n"
+            f"  train further: the same command with train.max_steps={segment.step + job.train.max_steps}; "
+            f"a fresh run: resume=never run.name=other\n"
+            f"  summary: ftcluster report {shlex.quote(str(run_dir))}; "
+            f"export: ftcluster export {shlex.quote(str(segment.checkpoint))} {shlex.quote(str(run_dir / 'export'))}")
