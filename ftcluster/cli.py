@@ -125,6 +125,7 @@ def drive(cfg, *, driver_log=None) -> int:  # type: ignore[no-untyped-def]
     from ftcluster.compose import to_job
     from ftcluster.config import ConfigError
     from ftcluster.console import quiet_environment
+    from ftcluster.data.errors import DataError
     from ftcluster.driver import (check_environment, check_resume_config, nothing_to_do, prepare_run_dir,
                                   record_resume, run_dir_of)
     from ftcluster.launch import launch
@@ -152,6 +153,9 @@ def drive(cfg, *, driver_log=None) -> int:  # type: ignore[no-untyped-def]
             return launch(job, Path(run_dir))
     except ConfigError as e:
         print(f"ftcluster: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # found by the driver's checks, before any rank started
+        print(f"ftcluster: data error: {e}", file=sys.stderr)
         return 2
 
 

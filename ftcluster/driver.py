@@ -20,7 +20,62 @@ def check_environment(job: JobConfig) -> None:
     from ftcluster.launch import check
 
     check(job)
+    check_data_head(job)
+    check_tokenizer(job)
     check_peft_targets(job)
+
+
+HEAD_ROWS = 5
+"""Rows of each data file the driver parses before launch (the ranks read the rest)."""
+
+
+def check_data_head(job: JobConfig) -> None:
+    """Before any rank starts: the first rows of every JSON Lines file of data.path and
+    data.eval_path parse and hold the format's fields (DataError naming `file:line`, numbered
+    from 1 as the ranks do). A malformed row further down is still found, by the ranks."""
+    if job.data.format == "synthetic":
+        return
+    import itertools
+
+    from ftcluster.data.formats import required_fields
+    from ftcluster.data.sources import _is_json_lines, json_lines, resolve
+
+    fields = required_fields(job.data)
+    for key in ("path", "eval_path"):
+        value = getattr(job.data, key)
+        if not value:
+            continue
+        source = resolve(value)
+        for f in source.files if source.loader == "json" else ():
+            if not _is_json_lines(f):
+                continue
+            for lineno, row in itertools.islice(json_lines(f), HEAD_ROWS):
+                missing = [f"data.{k} {col!r}" for col, k in fields if col not in row]
+                if missing:
+                    from ftcluster.data.errors import DataError
+
+                    raise DataError(f"{f}:{lineno}: no field {', '.join(missing)} (data.format={job.data.format}); "
+                                    f"the row has {', '.join(map(repr, row)) or 'no fields'}")
+
+
+def check_tokenizer(job: JobConfig) -> None:
+    """The tokenizer loads from its local directory, and has a chat template when data.format=messages
+    needs one (and data.chat_template gives none): named here, not on every rank after spawning."""
+    if job.data.format == "synthetic":
+        return
+    path = job.model.tokenizer or job.model.path
+    key = "model.tokenizer" if job.model.tokenizer else "model.path"
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=job.model.trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {type(e).__name__}: {first}") from None
+    if job.data.format == "messages" and job.data.chat_template is None and not getattr(tok, "chat_template", None):
+        raise ConfigError(f"data.chat_template: the tokenizer in {path} has no chat template and data.format=messages "
+                          "needs one; set data.chat_template to a Jinja template, or use data.format="
+                          "prompt_completion, alpaca or text")
 
 
 def check_peft_targets(job: JobConfig) -> None:
