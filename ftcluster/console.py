@@ -84,12 +84,11 @@ def route_third_party(handler: logging.Handler, *, level: str, loggers: tuple[st
     logging.captureWarnings(not is_verbose(level))
     route_loggers(handler, level=level, names=("py.warnings", *loggers))
     if not is_verbose(level):
-        try:  # the source switch too: datasets' bars are tqdm, not log records
-            import datasets
-
-            datasets.disable_progress_bars()
-        except ImportError:
-            pass
+        # The source switch too: datasets' bars are tqdm, not log records. datasets reads the variable
+        # when imported; one already imported is told directly (importing it here would cost seconds).
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
 
 
 def route_loggers(handler: logging.Handler, *, level: str, names: tuple[str, ...]) -> None:
