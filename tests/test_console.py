@@ -13,17 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, explain, run_cli
-
-# A line on the console that is not ours: a Python warning, a logger's level tag, a traceback, Ray's
-# forwarded-output prefix or a C++ log line, colour codes, a tqdm bar, Slurm's step noise.
-THIRD_PARTY = re.compile(r"Warning|WARNING|warnings\.warn|Traceback|\x1b\[|\(\w* ?pid=\d+|Failed to query|"
-                         r"core_worker|examples/s|it/s\]|\d+%\|| [EW]\d{4} |srun: error|CANCELLED")
-
-
-def third_party_lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if THIRD_PARTY.search(ln)]
-
+from conftest import explain, run_cli, third_party_lines
 
 def test_third_party_pattern_catches_the_known_noise() -> None:
     noise = [
