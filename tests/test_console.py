@@ -183,3 +183,31 @@ def test_bad_input_fails_before_any_rank_with_exit_2(tmp_path: Path) -> None:
     # Hydra's own compose error is a usage error too.
     p = run_cli("train", "data.pth=1", f"run.dir={run}", cwd=tmp_path)
     assert p.returncode == 2 and "data.pth" in p.stderr + p.stdout, explain(p)
+
+
+@pytest.mark.slow
+def test_default_run_prints_one_screen_and_a_summary_then_nothing_to_do(tmp_path: Path) -> None:
+    """`ftcluster train` (the embedded default job, a fresh run dir, output not a terminal): our
+    lines only, at most ~40 apart from the step lines, the start block first and the summary last;
+    the same command again says there is nothing to do, without starting a rank."""
+    run = tmp_path / "runs/default"
+    p = run_cli("train", cwd=tmp_path)  # run.dir defaults to runs/default under the cwd
+    assert p.returncode == 0, explain(p)
+    out = p.stdout + p.stderr
+    assert third_party_lines(out) == [], out
+    lines = out.splitlines()
+    steps = [ln for ln in lines if re.match(r"step \d+/100: loss", ln)]
+    assert 15 <= len(steps) <= 22 and steps[-1].startswith("step 100/100"), steps  # ~every 5 steps
+    assert len(lines) - len(steps) <= 40, out
+    assert lines[1] == "ftcluster train: fresh run" and f"  run dir     {run}" in lines
+    assert any(ln.startswith("  data        2,000 samples from ") and "fill" in ln for ln in lines), out
+    summary = lines[lines.index(f"run {run}"):]
+    for row in ("steps            100 (finished)", "train loss ", "eval loss ", "tokens/s ", "MFU ",
+                "peak GPU memory ", "wall time ", f"checkpoint       {run}/checkpoints/step_100",
+                f"next             ftcluster export {run}/checkpoints/step_100 {run}/export"):
+        assert any(ln.startswith("  " + row) for ln in summary), (row, summary)
+    assert lines[-1].startswith("ftcluster: done.")
+    assert all(len(ln) < 400 for ln in lines)  # nothing padded to a terminal width, nothing wrapped
+    p = run_cli("train", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.startswith(f"ftcluster: nothing to do: {run} is at step 100"), explain(p)
+    assert "train.max_steps=200" in p.stdout and "rank" not in p.stdout + p.stderr
