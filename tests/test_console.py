@@ -81,12 +81,14 @@ def test_event_lines_are_one_line() -> None:
     assert event_line("early_stop", {"step": 7, "metric": "eval_loss"}) == "early_stop at step 7: metric=eval_loss"
 
 
-def test_third_party_warnings_go_to_the_log_file_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_third_party_warnings_go_to_the_log_file_only(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
     import warnings
 
     from ftcluster.console import file_handler, route_third_party
 
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # route_third_party sets it; restored after
     fh = file_handler(tmp_path / "rank0.log", prefix="rank0")
     try:
         route_third_party(fh, level="info")
