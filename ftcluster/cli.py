@@ -125,6 +125,7 @@ def drive(cfg, *, driver_log=None) -> int:  # type: ignore[no-untyped-def]
     from ftcluster.compose import to_job
     from ftcluster.config import ConfigError
     from ftcluster.console import quiet_environment
+    from ftcluster.data.errors import DataError  # light: the data package loads torch/datasets lazily
     from ftcluster.driver import (check_environment, check_resume_config, nothing_to_do, prepare_run_dir,
                                   record_resume, run_dir_of)
     from ftcluster.launch import launch
@@ -153,12 +154,7 @@ def drive(cfg, *, driver_log=None) -> int:  # type: ignore[no-untyped-def]
     except ConfigError as e:
         print(f"ftcluster: config error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        # A DataError from the driver's checks (before any rank started). Not imported up front:
-        # ftcluster.data pulls in torch and datasets (seconds), and a config error must be instant.
-        errors = sys.modules.get("ftcluster.data.errors")
-        if errors is None or not isinstance(e, errors.DataError):
-            raise
+    except DataError as e:  # found by the driver's checks, before any rank started
         print(f"ftcluster: data error: {e}", file=sys.stderr)
         return 2
 

@@ -59,20 +59,32 @@ def check_data_head(job: JobConfig) -> None:
 
 
 def check_tokenizer(job: JobConfig) -> None:
-    """The tokenizer loads from its local directory, and has a chat template when data.format=messages
-    needs one (and data.chat_template gives none): named here, not on every rank after spawning."""
+    """The tokenizer directory holds a tokenizer that loads, and a chat template when data.format=messages
+    needs one (and data.chat_template gives none): named here, not on every rank after spawning.
+    Read from its files (tokenizer.json through the `tokenizers` library, tokenizer_config.json,
+    chat_template.jinja) rather than through transformers, whose import costs seconds of every launch."""
     if job.data.format == "synthetic":
         return
-    path = job.model.tokenizer or job.model.path
+    path = Path(job.model.tokenizer or job.model.path)
     key = "model.tokenizer" if job.model.tokenizer else "model.path"
+    config: dict = {}
     try:
-        from transformers import AutoTokenizer
+        if (path / "tokenizer_config.json").is_file():
+            import json
 
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=job.model.trust_remote_code, local_files_only=True)
-    except (OSError, ValueError) as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-        raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {type(e).__name__}: {first}") from None
-    if job.data.format == "messages" and job.data.chat_template is None and not getattr(tok, "chat_template", None):
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        if (path / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(path / "tokenizer.json"))
+        elif not config:
+            raise ValueError("no tokenizer.json or tokenizer_config.json")
+    except (OSError, ValueError, Exception) as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {first}") from None
+    has_template = bool(config.get("chat_template")) or any(
+        (path / f).is_file() for f in ("chat_template.jinja", "chat_template.json"))
+    if job.data.format == "messages" and job.data.chat_template is None and not has_template:
         raise ConfigError(f"data.chat_template: the tokenizer in {path} has no chat template and data.format=messages "
                           "needs one; set data.chat_template to a Jinja template, or use data.format="
                           "prompt_completion, alpaca or text")
