@@ -78,10 +78,26 @@ def ray_worker_env(level: str) -> dict[str, str]:
     return {} if is_verbose(level) else {**QUIET_ENV, **RAY_WORKER_QUIET_ENV}
 
 
-def route_third_party(handler: logging.Handler, *, level: str, loggers: tuple[str, ...] = THIRD_PARTY_LOGGERS) -> None:
+LIBRARY_LOGGING = ("datasets.utils.logging", "transformers.utils.logging")
+"""Libraries that give their root logger its own console handler when first imported: imported
+(configured) before routing, in the ranks, which import them anyway."""
+
+
+def route_third_party(handler: logging.Handler, *, level: str, loggers: tuple[str, ...] = THIRD_PARTY_LOGGERS,
+                      configure_libraries: bool = False) -> None:
     """Python warnings and the third-party loggers' records go to `handler` (a log file) only; at
-    log.level=debug they go there and to the console as usual."""
+    log.level=debug they go there and to the console as usual. `configure_libraries`: first let
+    datasets and transformers add their own console handlers (at import), so that they are removed
+    here rather than added after (a rank; the driver skips it: the imports cost seconds)."""
     logging.captureWarnings(not is_verbose(level))
+    if configure_libraries and not is_verbose(level):
+        import importlib
+
+        for module in LIBRARY_LOGGING:
+            try:
+                importlib.import_module(module)._get_library_root_logger()
+            except (ImportError, AttributeError):
+                pass
     route_loggers(handler, level=level, names=("py.warnings", *loggers))
     if not is_verbose(level):
         # The source switch too: datasets' bars are tqdm, not log records. datasets reads the variable

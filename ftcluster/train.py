@@ -286,4 +286,4 @@ def _setup_logging(run_dir: Path, d: Dist, *, level: str) -> None:
         root.addHandler(sh)
     root.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    route_third_party(fh, level=level)
+    route_third_party(fh, level=level, configure_libraries=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import explain, run_cli, third_party_lines
+from conftest import REPO, explain, run_cli, third_party_lines
 
 def test_third_party_pattern_catches_the_known_noise() -> None:
     noise = [
@@ -182,6 +182,13 @@ def test_bad_input_fails_before_any_rank_with_exit_2(tmp_path: Path) -> None:
     p = run_cli("train", "data=jsonl", f"data.path={bad}", f"run.dir={run}", cwd=tmp_path)
     assert p.returncode == 2 and f"{bad}:3: malformed JSON" in p.stderr, explain(p)
     assert p.stderr.count(f"{bad}:3") == 1 and "row" not in p.stderr and not run.exists()
+    # Past the rows the driver reads, the rank finds it: still file:line once, still exit 2.
+    rows = [ln for ln in (REPO / "ftcluster/assets/data/sample_chat.jsonl").read_text().splitlines()[:40]]
+    rows[20] = '{"messages": [}'
+    bad.write_text("\n".join(rows) + "\n")
+    p = run_cli("train", "data=jsonl", f"data.path={bad}", f"run.dir={run}", "train.max_steps=1", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count(f"{bad}:21: malformed JSON") == 1, explain(p)
+    assert "row 20" not in p.stdout + p.stderr
     # Hydra's own compose error is a usage error too.
     p = run_cli("train", "data.pth=1", f"run.dir={run}", cwd=tmp_path)
     assert p.returncode == 2 and "data.pth" in p.stderr + p.stdout, explain(p)
