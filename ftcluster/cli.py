@@ -26,7 +26,10 @@ commands:
             a table: ftcluster report <run dir> [--out PNG]
 
 Run `ftcluster train` with no arguments to fine-tune the embedded tiny model on the sample data.
+`ftcluster --version` prints the installed version.
 """
+VERBOSE_FLAGS = ("--verbose", "-v")
+"""`ftcluster train --verbose` is `log.level=debug`: third-party output on the console too."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("--version", "-V"):
+        print(f"ftcluster {_version()}")
+        return 0
     if cmd == "train":
         return train_command(rest)
     if cmd == "sweep":
@@ -57,20 +63,45 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ftcluster")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def train_command(overrides: list[str]) -> int:
+    """Exit codes: 0 done (or nothing to do), 2 a usage, config or data error found before any
+    process started (Hydra's own override and compose errors included), 1 a training failure,
+    130/143 stopped by Ctrl-C / SIGTERM after a checkpoint."""
     import hydra
 
     from ftcluster.compose import conf_dir, register_configs
+    from ftcluster.console import DriverLog
 
+    if any(a in ("--help", "-h") for a in overrides):
+        from ftcluster.help import train_help
+
+        print(train_help(conf_dir()))
+        return 0
+    if "--version" in overrides:
+        print(f"ftcluster {_version()}")
+        return 0
+    overrides = ["log.level=debug" if a in VERBOSE_FLAGS else a for a in overrides]
+    level = "debug" if "log.level=debug" in overrides else "info"
     register_configs()
-    result = {"code": 0}
+    result = {"code": 0, "entered": False}
+    driver_log = DriverLog(level=level)
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
     def _train(cfg) -> int:  # type: ignore[no-untyped-def]
+        result["entered"] = True
         point = _sweep_point_run_dir(cfg)
         if point is not None:
             result["multirun_dir"], result["slurm"] = point, cfg.launcher.kind == "slurm"
-        code = drive(cfg)
+        code = drive(cfg, driver_log=driver_log)
         result["code"] = max(result["code"], code)
         return code
 
@@ -79,8 +110,15 @@ def train_command(overrides: list[str]) -> int:
     sys.argv = ["ftcluster train", *overrides]
     try:
         _train()
+    except SystemExit as e:
+        # Hydra prints its own usage and compose errors (an unknown key, a bad override) and exits 1;
+        # they are usage errors like ours: exit 2. An error after our code started keeps Hydra's code.
+        if e.code in (0, None) or result["entered"]:
+            raise
+        return 2
     finally:
         sys.argv = saved
+        driver_log.close()
     if "multirun_dir" in result:  # every point ran (or, for Slurm, was submitted): the table, as a sweep's
         _multirun_report(Path(result["multirun_dir"]), submitted=result.get("slurm", False))
     return result["code"]
@@ -118,30 +156,42 @@ def _sweep_point_run_dir(cfg) -> str | None:  # type: ignore[no-untyped-def]
     return str(Path(cfg.run.dir).parent)
 
 
-def drive(cfg) -> int:  # type: ignore[no-untyped-def]
+def drive(cfg, *, driver_log=None) -> int:  # type: ignore[no-untyped-def]
     """Validate a composed config, prepare the run dir, launch. Returns the exit code."""
     from ftcluster.compose import to_job
     from ftcluster.config import ConfigError
-    from ftcluster.driver import check_environment, check_resume_config, prepare_run_dir, record_resume, run_dir_of
+    from ftcluster.console import quiet_environment
+    from ftcluster.data.errors import DataError  # light: the data package loads torch/datasets lazily
+    from ftcluster.driver import (check_environment, check_resume_config, nothing_to_do, prepare_run_dir,
+                                  record_resume, run_dir_of)
     from ftcluster.launch import launch
     from ftcluster.launch.lock import RunDirLock
 
     try:
         job = to_job(cfg)
+        quiet_environment(job.log.level)
         check_environment(job)
         # One run per run dir: locked before anything is written there, held until the launcher
         # returns (a Slurm job entry takes it over for the job's duration: launch/lock.py).
         with RunDirLock(run_dir_of(job)):
             # A resume is checked against its checkpoint's config before config.yaml is rewritten.
             segment = check_resume_config(job, run_dir_of(job))
+            if segment is not None and segment.step >= job.train.max_steps:
+                print(nothing_to_do(job, segment), flush=True)
+                return 0
             if segment is not None:
                 record_resume(run_dir_of(job), segment)
             run_dir = prepare_run_dir(job, cfg)
+            if driver_log is not None:
+                driver_log.attach(run_dir)
             # Launchers check what only they can see (the Ray cluster's resources, a Slurm job still
             # using the run dir) and raise ConfigError for it too: the same message, the same exit code.
             return launch(job, Path(run_dir))
     except ConfigError as e:
         print(f"ftcluster: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # found by the driver's checks, before any rank started
+        print(f"ftcluster: data error: {e}", file=sys.stderr)
         return 2
 
 

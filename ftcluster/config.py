@@ -944,6 +944,21 @@ class LoggerConfig:
         _one_of(self.mode, "logger.mode", WANDB_MODES)
 
 
+LOG_LEVELS = ("info", "debug")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    level: str = "info"
+    """Console verbosity. `info`: ftcluster's own lines only (start block, progress, events, summary);
+    third-party warnings, progress bars and Ray/DeepSpeed chatter go to the run dir's logs/ only.
+    `debug`: everything on the console as the libraries print it, and ftcluster's detail lines
+    (`ftcluster train --verbose` sets it). See ftcluster/console.py."""
+
+    def validate(self) -> None:
+        _one_of(self.level, "log.level", LOG_LEVELS)
+
+
 @dataclass(kw_only=True)
 class DebugConfig:
     fail_at_step: int = 0
@@ -1067,6 +1082,8 @@ class JobConfig:
     """Held-out evaluation, generation samples, early stopping."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Metrics logging (`logger=none|wandb`)."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Console verbosity (`log.level=info|debug`)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Test hooks (failure injection)."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -1075,7 +1092,8 @@ class JobConfig:
     def validate(self) -> "JobConfig":
         """Check every group, then the cross-field rules. Raises ConfigError naming the key."""
         for group in (self.run, self.model, self.data, self.peft, self.objective, self.parallel, self.launcher,
-                      self.train, self.optim, self.checkpoint, self.eval, self.logger, self.debug, self.sweep):
+                      self.train, self.optim, self.checkpoint, self.eval, self.logger, self.log, self.debug,
+                      self.sweep):
             group.validate()
         self._validate_eval()
         _require(self.seed >= 0, "seed", f"must be >= 0; got {self.seed}")

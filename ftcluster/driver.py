@@ -20,7 +20,74 @@ def check_environment(job: JobConfig) -> None:
     from ftcluster.launch import check
 
     check(job)
+    check_data_head(job)
+    check_tokenizer(job)
     check_peft_targets(job)
+
+
+HEAD_ROWS = 5
+"""Rows of each data file the driver parses before launch (the ranks read the rest)."""
+
+
+def check_data_head(job: JobConfig) -> None:
+    """Before any rank starts: the first rows of every JSON Lines file of data.path and
+    data.eval_path parse and hold the format's fields (DataError naming `file:line`, numbered
+    from 1 as the ranks do). A malformed row further down is still found, by the ranks."""
+    if job.data.format == "synthetic":
+        return
+    import itertools
+
+    from ftcluster.data.formats import required_fields
+    from ftcluster.data.sources import _is_json_lines, json_lines, resolve
+
+    fields = required_fields(job.data)
+    for key in ("path", "eval_path"):
+        value = getattr(job.data, key)
+        if not value:
+            continue
+        source = resolve(value)
+        for f in source.files if source.loader == "json" else ():
+            if not _is_json_lines(f):
+                continue
+            for lineno, row in itertools.islice(json_lines(f), HEAD_ROWS):
+                missing = [f"data.{k} {col!r}" for col, k in fields if col not in row]
+                if missing:
+                    from ftcluster.data.errors import DataError
+
+                    raise DataError(f"{f}:{lineno}: no field {', '.join(missing)} (data.format={job.data.format}); "
+                                    f"the row has {', '.join(map(repr, row)) or 'no fields'}")
+
+
+def check_tokenizer(job: JobConfig) -> None:
+    """The tokenizer directory holds a tokenizer that loads, and a chat template when data.format=messages
+    needs one (and data.chat_template gives none): named here, not on every rank after spawning.
+    Read from its files (tokenizer.json through the `tokenizers` library, tokenizer_config.json,
+    chat_template.jinja) rather than through transformers, whose import costs seconds of every launch."""
+    if job.data.format == "synthetic":
+        return
+    path = Path(job.model.tokenizer or job.model.path)
+    key = "model.tokenizer" if job.model.tokenizer else "model.path"
+    config: dict = {}
+    try:
+        if (path / "tokenizer_config.json").is_file():
+            import json
+
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        if (path / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(path / "tokenizer.json"))
+        elif not config:
+            raise ValueError("no tokenizer.json or tokenizer_config.json")
+    except (OSError, ValueError, Exception) as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {first}") from None
+    has_template = bool(config.get("chat_template")) or any(
+        (path / f).is_file() for f in ("chat_template.jinja", "chat_template.json"))
+    if job.data.format == "messages" and job.data.chat_template is None and not has_template:
+        raise ConfigError(f"data.chat_template: the tokenizer in {path} has no chat template and data.format=messages "
+                          "needs one; set data.chat_template to a Jinja template, or use data.format="
+                          "prompt_completion, alpaca or text")
 
 
 def check_peft_targets(job: JobConfig) -> None:
@@ -170,3 +237,17 @@ def record_resume(run_dir: Path, segment: ResumeSegment) -> None:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(_json.dumps({"event": "config_change", "step": segment.step, "changed": segment.changed,
                                  "checkpoint": str(segment.checkpoint)}) + "\n")
+
+
+def nothing_to_do(job: JobConfig, segment: ResumeSegment) -> str:
+    """What the driver says, instead of launching, when the checkpoint it would resume from has
+    already reached train.max_steps (a second `ftcluster train` of a finished run)."""
+    import shlex
+
+    run_dir = run_dir_of(job)
+    return (f"ftcluster: nothing to do: {run_dir} is at step {segment.step} and train.max_steps={job.train.max_steps} "
+            f"(checkpoint {segment.checkpoint}).\n"
+            f"  train further: the same command with train.max_steps={segment.step + job.train.max_steps}; "
+            f"a fresh run: resume=never run.name=other\n"
+            f"  summary: ftcluster report {shlex.quote(str(run_dir))}; "
+            f"export: ftcluster export {shlex.quote(str(segment.checkpoint))} {shlex.quote(str(run_dir / 'export'))}")

@@ -375,10 +375,21 @@ def export(checkpoint: Path, out: Path, *, merge: bool = False, dtype: str = "bf
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_modes(tmp)
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.rename(tmp, out)
     return summary
+
+
+def _usual_modes(root: Path) -> None:
+    """Give every exported file and folder the mode a newly created one gets here (0644 / 0755
+    under the usual umask 022): some writers (safetensors' shard writer) create files 0600, which
+    the rest of a shared cluster's group could not read while the json files beside them can."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _export(checkpoint: Path, out: Path, *, final: Path, merge: bool, dtype: str, max_shard_size: str,

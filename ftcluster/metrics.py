@@ -121,18 +121,21 @@ class MetricsLogger:
     rich progress bar, and mirrors step metrics to W&B when configured. No-op on ranks other than 0."""
 
     def __init__(self, *, run_dir: Path, enabled: bool, start_step: int, max_steps: int,
-                 wandb_run: Any = None) -> None:
+                 wandb_run: Any = None, console_every: int = 1) -> None:
         self.enabled = enabled
+        self.max_steps, self.console_every = max_steps, max(1, console_every)
+        self._printed_step: int | None = None
         self.wandb_run = wandb_run
         self.path = run_dir / "metrics.jsonl"
         self._progress = None
         self._task = None
         if not enabled:
             return
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.console = Console(stderr=False)
+        from ftcluster.console import make_console
+
+        self.console = make_console()
         self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
                                   TimeRemainingColumn(), console=self.console, transient=False,
@@ -152,10 +155,26 @@ class MetricsLogger:
         status = f"loss {record['loss']:.4f}{acc} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], status=status)
-        if not self.console.is_terminal:  # logs, Slurm output files: one plain line per logged step
-            print(f"step {record['step']}: {status} grad_norm {record['grad_norm']:.3f}", flush=True)
+        if not self.console.is_terminal and self._console_due(record["step"]):
+            # Logs, Slurm output files: one plain line per logged step, at most ~20 a run
+            # (console_every; metrics.jsonl has every logged step).
+            print(f"step {record['step']}/{self.max_steps}: {status} grad_norm {record['grad_norm']:.3f}", flush=True)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def _console_due(self, step: int) -> bool:
+        due = self._printed_step is None or step % self.console_every == 0 or step >= self.max_steps
+        self._printed_step = step if due else self._printed_step
+        return due
+
+    def print(self, line: str) -> None:
+        """One of our lines on the console (above the progress bar in a terminal). Rank 0 only."""
+        if not self.enabled:
+            return
+        if self._progress is not None and self.console.is_terminal:
+            self._progress.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
 
     def eval(self, record: dict[str, Any]) -> None:
         """An evaluation: its own record kind in metrics.jsonl (`"event": "eval"`), one console line
@@ -167,10 +186,7 @@ class MetricsLogger:
                         ("eval_rewards/accuracy", "eval_rewards/margin", "eval_exact_match", "eval_rougeL") if k in record)
         line = (f"eval step {record['step']}: loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}{extra} "
                 f"({record['eval_samples']} samples, {record['eval_tokens_per_s']:,.0f} tok/s)")
-        if self._progress is not None and self.console.is_terminal:
-            self._progress.console.print(line)
-        else:
-            print(line, flush=True)
+        self.print(line)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k.startswith("eval_")}, step=record["step"])
 
@@ -185,9 +201,13 @@ class MetricsLogger:
     def event(self, name: str, **fields: Any) -> None:
         if not self.enabled:
             return
+        from ftcluster.console import event_line
+
         record = {"event": name, **fields, "time": time.time()}
         self._write(record)
-        self.console.log(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+        line = event_line(name, fields)
+        if line is not None:
+            self.print(line)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -240,7 +240,14 @@ def _summarize(run: RunLog) -> dict[str, Any]:
         "early_stopped": bool(early or run.named("early_stopped")),
         "early_stop": {k: v for k, v in early[-1].items() if k != "event"} if early else None,
         "world_size": next((s.opening["world_size"] for s in reversed(run.segments) if "world_size" in s.opening), None),
+        "wandb_offline": _wandb_offline_dir(run.run_dir),
     }
+
+
+def _wandb_offline_dir(run_dir: Path) -> str | None:
+    """The newest offline W&B run under the run dir (W&B writes `wandb/offline-run-<time>-<id>`)."""
+    found = sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
+    return str(found[-1]) if found else None
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -403,6 +410,8 @@ def _rows(summary: dict) -> list[tuple[str, str]]:
     if best:
         rows.append(("best checkpoint", f"{best.get('checkpoint')} ({best.get('metric')} {_fmt(best.get('value'))}, "
                                         f"step {best.get('step')})" + ("" if best["exists"] else " [missing]")))
+    if summary.get("wandb_offline"):
+        rows.append(("W&B (offline)", f"wandb sync {shlex.quote(summary['wandb_offline'])}"))
     target = _export_target(summary)
     if target:
         out = str(Path(summary["run_dir"]) / "export")
@@ -415,12 +424,16 @@ def print_summary(summary: dict, *, console=None) -> None:  # type: ignore[no-un
     from rich.console import Console
     from rich.table import Table
 
+    console = console or Console()
+    if not console.is_terminal:  # a log or output file: plain lines, never a box wrapped mid-path
+        print("\n".join([f"run {summary['run_dir']}", *(f"  {n:<16} {v}" for n, v in _rows(summary))]), flush=True)
+        return
     table = Table(title=f"run {summary['run_dir']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for name, value in _rows(summary):
         table.add_row(name, value)
-    (console or Console()).print(table)
+    console.print(table)
 
 
 # --- a sweep: one row per trial ----------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 
 from ftcluster.checkpoint import CheckpointManager, Loaded, RNGState
 from ftcluster.config import JobConfig
+from ftcluster.console import console_every, start_block, wandb_location
 from ftcluster.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
 from ftcluster.evaluation.evaluator import EvalTracker, Evaluator
 from ftcluster.faults import Faults
@@ -40,12 +41,12 @@ def train(job: JobConfig, run_dir: Path, *, on_log: Callable[[dict], None] | Non
     to metrics.jsonl, the same number of calls on every rank). Launchers use it to mirror metrics
     (the Ray launcher forwards them to `ray.train.report`); train() knows nothing of them."""
     d = init_distributed()
-    _setup_logging(run_dir, d)
+    _setup_logging(run_dir, d, level=job.log.level)
     stops = StopRequests(is_main=d.is_main)  # from here on SIGUSR1/SIGTERM only set a flag
     if not d.is_main:
         import datasets
 
-        datasets.disable_progress_bars()
+        datasets.disable_progress_bars()  # always: one rank's bars are enough even at log.level=debug
     try:
         return build_trainer(job, Path(run_dir), d, stops=stops, on_log=on_log).fit()
     finally:
@@ -107,7 +108,8 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
 
     wandb_run = _start_wandb(job, d, run_dir, logger_run)
     metrics = MetricsLogger(run_dir=run_dir, enabled=d.is_main, start_step=progress.step, max_steps=t.max_steps,
-                            wandb_run=wandb_run)
+                            wandb_run=wandb_run, console_every=console_every(max_steps=t.max_steps,
+                                                                             log_every=t.log_every, level=job.log.level))
     # Host memory after building, loading (and resuming): each rank's resident set before loading
     # and its peak so far, gathered (collective) so rank 0 records every rank's.
     host = gather_host_rss(rank=d.rank, world_size=d.world_size, device=d.device, before=rss_before_load)
@@ -135,11 +137,42 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     if evaluator is not None:
         log.info("evaluation: %d held-out samples, %d batches per rank, %d prompts", len(eval_data),
                  evaluator.batches.num_batches, len(evaluator.prompts))
+    _print_start(job, d, metrics, built=built, data=data, eval_data=eval_data, run_dir=run_dir, loaded=loaded,
+                 wandb_run=wandb_run)
     throughput = ThroughputWindow(flops=_flops_model(built), world_size=d.world_size, on_gpu=d.device_type == "cuda")
     return Trainer(job=job, dist=d, engine=engine, batches=batches, objective=objective, ckpt=ckpt, metrics=metrics,
                    throughput=throughput, progress=progress, stops=stops, faults=Faults(job.debug, rank=d.rank, run_dir=run_dir),
                    saved_state=state, config_yaml=resolved_config_yaml(job), rss_before_load=rss_before_load,
                    on_log=on_log, evaluator=evaluator, tracker=tracker)
+
+
+def _print_start(job: JobConfig, d: Dist, metrics: MetricsLogger, *, built: BuiltModule, data: Any, eval_data: Any,
+                 run_dir: Path, loaded: Loaded | None, wandb_run: Any) -> None:
+    """Rank 0: the console's start block (ftcluster.console.start_block)."""
+    if not d.is_main:
+        return
+    t, c, st = job.train, built.counts, data.stats
+    ev = job.eval
+    eval_line = (f"{len(eval_data)} held-out samples, every {ev.every_steps or '-'} steps" if eval_data is not None
+                 else "none (data.eval_fraction, data.eval_samples or data.eval_path to add held-out data)")
+    ck = job.checkpoint
+    checkpoints = (f"every {ck.every_steps} steps, keep {ck.keep_last}, in {run_dir / 'checkpoints'}" if ck.enabled
+                   else "off (checkpoint.enabled=false)")
+    peft = job.peft.method if job.peft.method == "none" else f"{job.peft.method} r={job.peft.rank}"
+    lines = start_block(
+        run_dir=run_dir, resumed_from=str(loaded.path) if loaded is not None else None,
+        step=loaded.step if loaded is not None else 0,
+        model=job.model.path or f"{job.model.arch} shape (model.init={job.model.init})",
+        params=c.total, trainable=c.trainable, peft="full fine-tune" if peft == "none" else peft,
+        world_size=d.world_size, device=d.device_type, backend=job.parallel.backend,
+        global_batch=f"{t.micro_batch_size * t.grad_accum * d.world_size} = {t.micro_batch_size} x {t.grad_accum} "
+                     f"accum x {d.world_size} ranks", dtype=t.dtype,
+        data=job.data.path or job.data.format, samples=len(data), mean_len=st.tokens / max(st.kept, 1),
+        max_seq_len=job.data.max_seq_len, dropped=st.dropped_overlength + st.dropped_no_supervision,
+        truncated=st.truncated, eval_line=eval_line, checkpoints=checkpoints,
+        wandb=wandb_location(kind=job.logger.kind, mode=job.logger.mode, run=wandb_run))
+    for line in lines:
+        metrics.print(line)
 
 
 def _build_data(job: JobConfig, d: Dist, run_dir: Path):  # type: ignore[no-untyped-def]
@@ -301,23 +334,22 @@ def _saved_wandb_id(run_dir: Path) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
-def _setup_logging(run_dir: Path, d: Dist) -> None:
-    """Every rank logs to <run.dir>/logs/rank<r>.log; rank 0 also to the console."""
-    logs = Path(run_dir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s rank{d.rank} %(levelname)s %(message)s")
+def _setup_logging(run_dir: Path, d: Dist, *, level: str) -> None:
+    """Every rank logs to <run.dir>/logs/rank<r>.log; rank 0 also to the console: warnings there at
+    log.level=info (the start block, progress and summary are the console's), everything at debug.
+    Third-party warnings and log records go to the file only (ftcluster/console.py)."""
+    from ftcluster.console import file_handler, is_verbose, route_third_party
+
+    fh = file_handler(Path(run_dir) / "logs" / f"rank{d.rank}.log", prefix=f"rank{d.rank}")
     root = logging.getLogger("ftcluster")
     root.setLevel(logging.INFO)
     root.handlers.clear()
-    fh = logging.FileHandler(logs / f"rank{d.rank}.log")
-    fh.setFormatter(fmt)
     root.addHandler(fh)
     if d.is_main:
         sh = logging.StreamHandler(sys.stdout)
         sh.setFormatter(logging.Formatter("%(message)s"))
+        sh.setLevel(logging.INFO if is_verbose(level) else logging.WARNING)
         root.addHandler(sh)
     root.propagate = False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # bitsandbytes (imported by peft) warns at import on CPUs with AVX512-BF16 that an optional
-    # hub-downloaded kernel package is missing; we never download kernels, so the warning is noise.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    route_third_party(fh, level=level, configure_libraries=True)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -79,8 +82,44 @@ def committed_steps(run_dir: Path) -> list[int]:
                   if p.name.startswith("step_") and (p / "meta.json").is_file())
 
 
+# A console line that is not ours (issue 16): a Python warning, a logger's level tag, a traceback,
+# Ray's forwarded-output prefix or a C++ log line, colour codes, a tqdm bar, Slurm's step noise.
+THIRD_PARTY = re.compile(r"Warning|WARNING|warnings\.warn|Traceback|\x1b\[|\(\w* ?pid=\d+|Failed to query|"
+                         r"core_worker|examples/s|it/s\]|\d+%\||srun: error|CANCELLED")
+
+
+def third_party_lines(text: str) -> list[str]:
+    """The lines of a healthy run's console output that a library, not ftcluster, printed."""
+    return [ln for ln in text.splitlines() if THIRD_PARTY.search(ln)]
+
+
 def explain(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tidy by default (issue 16): the session's temporary files, pytest's base temp and whatever
+    the processes the tests start put in $TMPDIR (Ray's session dirs, torch elastic's run dirs),
+    live under one fresh directory, removed when the session ends; nothing is left in the system
+    temp dir. An explicit --basetemp, or FTC_KEEP_TMP=1 (to inspect a failure), keeps it."""
+    if config.option.basetemp is not None or hasattr(config, "workerinput"):
+        return
+    root = Path(tempfile.mkdtemp(prefix="ftc-pytest-"))
+    config.option.basetemp = str(root / "pytest")
+    if "TMPDIR" not in os.environ:  # the user's own choice wins
+        (root / "tmp").mkdir()
+        os.environ["TMPDIR"] = str(root / "tmp")  # inherited by every subprocess a test starts
+        tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    config.stash[_SESSION_TMP] = root
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(_SESSION_TMP, None)
+    if root is not None and not os.environ.get("FTC_KEEP_TMP"):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_SESSION_TMP = pytest.StashKey[Path]()
 
 
 @pytest.fixture

@@ -115,9 +115,9 @@ def test_auto_is_one_rank_on_cpu() -> None:
 def test_cli_errors_before_any_process(tmp_path: Path) -> None:
     """Through the real CLI: unknown key, wrong type and bad value exit non-zero naming the key, and
     no run directory is created (nothing started)."""
-    # Hydra refuses unknown keys and wrong types while composing (its exit code, 1); our validation
-    # refuses bad values (exit 2). Either way the message names the key and nothing started.
-    for override, needle, code in [("optim.foo=1", "optim.foo", 1), ("train.grad_accum=x", "train.grad_accum", 1),
+    # Hydra refuses unknown keys and wrong types while composing; our validation refuses bad values.
+    # Both are usage errors: exit 2. Either way the message names the key and nothing started.
+    for override, needle, code in [("optim.foo=1", "optim.foo", 2), ("train.grad_accum=x", "train.grad_accum", 2),
                                    ("optim.lr=0", "optim.lr: must be > 0", 2),
                                    ("checkpoint.keep_last=0", "checkpoint.keep_last", 2)]:
         p = run_cli("train", override, "run.dir=" + str(tmp_path / "r"), cwd=tmp_path, env=cli_env())
@@ -139,7 +139,7 @@ def test_cli_help_lists_groups_and_subcommands(tmp_path: Path) -> None:
     assert p.returncode == 0 and "train" in p.stdout and "export" in p.stdout
     p = run_cli("train", "--help", cwd=tmp_path)
     assert p.returncode == 0
-    for g in ("model:", "data:", "peft:", "parallel:", "launcher:", "logger:"):
+    for g in ("model=", "data=", "peft=", "parallel=", "launcher=", "logger="):
         assert g in p.stdout, p.stdout
 
 

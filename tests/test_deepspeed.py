@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, committed_steps, compose_job, events, explain, losses, records, run_cli, train_ok
+from conftest import (cli_env, committed_steps, compose_job, events, explain, losses, records, run_cli,
+                      third_party_lines, train_ok)
 from ftcluster.config import ConfigError
 
 ZERO3_LORA = ["launcher.nproc_per_node=2", "parallel=zero3", "peft=lora", "train.max_steps=12",
@@ -37,8 +38,19 @@ def step_records(run: Path) -> dict[int, dict]:
 def zero3_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The issue's job, uninterrupted: ZeRO-3, LoRA, 2 ranks, 12 steps, a checkpoint every 4."""
     cwd = tmp_path_factory.mktemp("zero3_ref")
-    train_ok(*ZERO3_LORA, run=cwd / "X", cwd=cwd)
+    p = train_ok(*ZERO3_LORA, run=cwd / "X", cwd=cwd)
+    (cwd / "console.txt").write_text(p.stdout + p.stderr)  # for the quiet-console test
     return cwd / "X"
+
+
+@pytest.mark.slow
+def test_zero3_two_rank_console_has_no_third_party_line(zero3_reference: Path) -> None:
+    """A healthy ZeRO-3 run prints only our lines (issue 16); DeepSpeed's and torch's warnings
+    (42 FutureWarnings before) are kept in the ranks' logs, not lost."""
+    out = (zero3_reference.parent / "console.txt").read_text()
+    assert third_party_lines(out) == [], out[-4000:]
+    assert "ftcluster train: fresh run" in out and "  steps            12 (finished)" in out
+    assert "FutureWarning" in (zero3_reference / "logs/rank0.log").read_text()
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ model's logits."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,10 @@ def test_lora_adapter_and_merged_exports(runs: dict[str, Path], tmp_path: Path) 
     shards = sorted(set(index["weight_map"].values()))
     assert s["shards"] == len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert not any("lora" in k or "base_layer" in k for k in index["weight_map"])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in merged.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # the weight shards as readable as the json beside them
     assert (hf_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)) - want).abs().max() < 1e-5
     assert AutoTokenizer.from_pretrained(merged)("hello").input_ids  # the tokenizer travels with it
     # The same stream without files: (HF name, merged tensor), one at a time.

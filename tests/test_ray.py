@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, committed_steps, events, explain, losses, run_cli, train_ok
+from conftest import cli_env, committed_steps, events, explain, losses, run_cli, third_party_lines, train_ok
 
 RAY_JOB = ["launcher=ray", "launcher.address=auto", "launcher.num_workers=2", "peft=lora", "train.max_steps=10",
            "checkpoint.every_steps=2"]
@@ -228,6 +228,11 @@ def test_two_workers_commit_step_10(reference: tuple[Path, subprocess.CompletedP
     assert 1 <= reports["reports"] <= 10 and reports["last"]["step"] == 10
     assert reports["last"]["loss"] == losses(run)[10]
     assert f"checkpoints {run / 'checkpoints'}" in out and "(newest: step_10)" in out
+    # The quiet console (issue 16): no Ray controller / PreemptionWatcher lines, no colour codes,
+    # each of rank 0's lines once (Ray Train's print patch doubled them); Ray's lines are in the logs.
+    assert third_party_lines(out) == [], out[-4000:]
+    assert out.count("step 10/10: loss") == 1 and out.count("pre-flight ok") == 1, out[-4000:]
+    assert (run / "logs/driver.log").is_file()
 
 
 @pytest.mark.slow

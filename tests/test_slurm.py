@@ -281,6 +281,16 @@ def test_usr1_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -
 
 # --- 3. the real Slurm ----------------------------------------------------------------------------
 
+LOCAL_CLUSTER_NAME = "local"
+"""ClusterName in the slurm.conf slurm/local-cluster.sh writes."""
+
+
+def _cluster_name() -> str | None:
+    p = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    m = re.search(r"^ClusterName\s*=\s*(\S+)", p.stdout, re.MULTILINE)
+    return m.group(1) if m else None
+
+
 def _slurm_up() -> bool:
     if shutil.which("sinfo") is None:
         return False
@@ -293,6 +303,12 @@ def _slurm_up() -> bool:
 def slurm() -> None:
     """The one-node local Slurm: running already (CI's .ci/run starts it), or started here."""
     if _slurm_up():
+        # Submit only to the one-node Slurm slurm/local-cluster.sh makes (ClusterName=local), never to
+        # a real cluster that happens to be reachable from this machine.
+        name = _cluster_name()
+        if name != LOCAL_CLUSTER_NAME:
+            msg = f"SLURM TESTS REFUSED: the running Slurm is cluster {name!r}, not slurm/local-cluster.sh's"
+            pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
         return
     if os.environ.get("CI"):  # CI's .ci/run starts Slurm: a Slurm that is not up there is a failure
         pytest.fail("Slurm is not up although CI started it (slurm/local-cluster.sh start)")

@@ -161,6 +161,8 @@ def test_wandb_offline_run_continues_and_holds_no_secret(tmp_path: Path) -> None
     offline = sorted((run / "wandb").glob("offline-run-*"))
     assert offline and all(d.name.endswith(run_id) for d in offline), offline
     assert any(f.suffix == ".wandb" for d in offline for f in d.iterdir())
+    # The console says where the offline run is and how to upload it (issue 16).
+    assert f"wandb sync {offline[-1]}" in p.stdout and "  W&B         offline, " in p.stdout, p.stdout[-3000:]
     for f in run.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f"secret leaked into {f}"

@@ -14,10 +14,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from ftcluster.data.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SUPPORTED = ".jsonl, .json, .parquet, or a datasets.save_to_disk folder"
@@ -88,8 +90,10 @@ def resolve(path: str) -> Source:
     return Source(path=path, files=tuple(os.path.abspath(f) for f in files), loader=loaders.pop())
 
 
-def load_rows(source: Source, *, split: str) -> datasets.Dataset:
+def load_rows(source: Source, *, split: str) -> "datasets.Dataset":
     """Raw rows through Hugging Face `datasets` (memory-mapped Arrow, cached by `datasets`)."""
+    import datasets  # here, not at module level: the driver reads files with this module (instantly)
+
     if source.saved_dir is not None:
         saved = datasets.load_from_disk(source.saved_dir)
         if isinstance(saved, datasets.DatasetDict):

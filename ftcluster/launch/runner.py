@@ -90,8 +90,8 @@ def run_elastic(config, job: JobConfig, run_dir: Path, *, where: str) -> int:  #
             # Only the ranks got SIGTERM: they agreed on it, checkpointed and exited 143 on purpose.
             print(stopped, file=sys.stderr, flush=True)
             return TERMINATED_EXIT_CODE
-        _report_failed_ranks(e.failures, run_dir=run_dir, where=where)
-        return 1
+        texts = _report_failed_ranks(e.failures, run_dir=run_dir, where=where)
+        return DATA_ERROR_EXIT_CODE if all(is_data_error(t) for t in texts) else 1
     finally:
         quiet.setLevel(level)
         if previous_int is not None:
@@ -128,15 +128,29 @@ def _newest_checkpoint(run_dir: Path) -> str:
     return str(c[-1]) if c else f"none committed in {run_dir / 'checkpoints'}"
 
 
-def _report_failed_ranks(failures: dict, *, run_dir: Path, where: str) -> None:
-    """One line per failed rank on stderr; the full traceback in its logs/rank<r>.error."""
+def _report_failed_ranks(failures: dict, *, run_dir: Path, where: str) -> list[str]:
+    """One line per failed rank on stderr; the full traceback in its logs/rank<r>.error. Returns
+    each failed rank's error line."""
     print(f"ftcluster: {where}training failed on {len(failures)} rank(s); logs in {run_dir / 'logs'}",
           file=sys.stderr)
+    lines = []
     for rank, failure in sorted(failures.items()):
         full = _failure_text(failure)
         append_rank_error(run_dir, rank, full, header=f"{where}pid {failure.pid}")
-        print(f"  rank {rank}: {_last_line(full)}", file=sys.stderr)
+        lines.append(_last_line(full))
+        print(f"  rank {rank}: {lines[-1]}", file=sys.stderr)
     sys.stderr.flush()
+    return lines
+
+
+DATA_ERROR_EXIT_CODE = 2
+"""Bad input data found by the ranks (a malformed line past the rows the driver checks): the same
+exit code as the driver's config and data errors, not a training failure's 1."""
+
+
+def is_data_error(error_line: str) -> bool:
+    """A rank's error line (`module.Type: message`) is our DataError."""
+    return error_line.startswith(("ftcluster.data.errors.DataError:", "DataError:"))
 
 
 def append_rank_error(run_dir: Path, rank: int, text: str, *, header: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ftcluster.checkpoint import committed_checkpoints
 from ftcluster.config import JobConfig, RayLauncherConfig
+from ftcluster.console import filter_forwarded_output, quiet_ray_driver, ray_worker_env
 from ftcluster.launch import hosts
 from ftcluster.launch.ray.plan import RayPlan, check_capacity, forwarded_env, plan_workers
 from ftcluster.launch.ray.preflight import LAUNCH_ID_FILE, preflight_hosts
@@ -28,7 +29,7 @@ def launch(job: JobConfig, run_dir: Path) -> int:
     import ray
 
     try:
-        started_here = _connect(cfg)
+        started_here = _connect(cfg, run_dir=run_dir, level=job.log.level)
     except (ConnectionError, RuntimeError) as e:
         print(f"ftcluster: launcher.address={cfg.address}: cannot connect to Ray: {type(e).__name__}: {_first_line(e)}\n"
               "  auto joins the cluster this host runs (`ray start --head` / `ray start --address=HEAD:6379`) or "
@@ -43,12 +44,14 @@ def launch(job: JobConfig, run_dir: Path) -> int:
             ray.shutdown()
 
 
-def _connect(cfg: RayLauncherConfig) -> bool:
-    """Join (or, for address=local, start) a Ray cluster. True if this call started Ray."""
+def _connect(cfg: RayLauncherConfig, *, run_dir: Path, level: str) -> bool:
+    """Join (or, for address=local, start) a Ray cluster. True if this call started Ray. Ray's
+    own log records (ray.init's token-auth notice, ...) go to logs/driver.log (console.py)."""
     import ray
 
     if ray.is_initialized():  # an embedding program (a notebook, a test) already connected
         return False
+    quiet_ray_driver(run_dir, level=level)
     common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if cfg.address == "local":
         n = 1 if cfg.num_workers == "auto" else int(cfg.num_workers)
@@ -56,6 +59,7 @@ def _connect(cfg: RayLauncherConfig) -> bool:
         ray.init(num_cpus=max(1, n * cfg.cpus_per_worker), num_gpus=hosts.visible_gpus(), include_dashboard=False, **common)
     else:
         ray.init(address=cfg.address, **common)
+    quiet_ray_driver(run_dir, level=level)
     return True
 
 
@@ -100,12 +104,14 @@ def _run(job: JobConfig, run_dir: Path, cfg: RayLauncherConfig) -> int:
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=[RunRecorder(run_dir=str(run_dir), launch_id=launch_id, max_failures=cfg.max_failures)],
-            worker_runtime_env={"env_vars": forwarded_env(os.environ)},
+            worker_runtime_env={"env_vars": {**forwarded_env(os.environ), **ray_worker_env(job.log.level)}},
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:
-        trainer.fit()
+        # Lines Ray forwards from its own actors go to logs/driver.log; rank 0's reach the console.
+        with filter_forwarded_output(run_dir, level=job.log.level):
+            trainer.fit()
     except WorkerGroupError as e:
         failures = read_failures(run_dir, launch_id)
         _report_failure(run_dir, t0, e.worker_failures, restarts=sum(1 for f in failures if f.get("restart")),
