@@ -2,7 +2,7 @@
 
 Config checks and the frozen copy's DeepSpeed config are pure logic; end to end through the real
 CLI on the embedded tiny model (a 64-pair slice of the preference demo, to keep the runs short):
-the same losses as the precomputed reference (1 rank, fp32), and 2-rank FSDP2 and ZeRO-3 runs
+the same losses as the precomputed reference (1 rank, fp32; FSDP2, and ZeRO-2's stage-0 copy), and 2-rank FSDP2 and ZeRO-3 runs
 whose step-1 loss is log 2 (policy == reference), the FSDP2 one killed with -9 and resumed with
 the reference rebuilt from the model's weights (nothing of it in the checkpoint)."""
 from __future__ import annotations
@@ -68,7 +68,8 @@ def _checkpoint_names(run: Path, step: int) -> set[str]:
 def test_reference_model_gives_the_precomputed_reference_losses(tmp_path: Path) -> None:
     """1 rank, fp32, full fine-tune, 4 steps: the frozen copy (run before every forward, in the
     training batches' shapes) gives the losses and held-out loss of the reference precomputed in
-    one pass before step 1; it writes no reference file and adds nothing to the checkpoint."""
+    one pass before step 1; it writes no reference file and adds nothing to the checkpoint. ZeRO-2
+    (the copy at DeepSpeed stage 0) gives them too, to fp32 rounding across backends."""
     args = [*COMMON, *_small_demo(tmp_path), "train.max_steps=4", "eval.every_steps=4", "checkpoint.every_steps=4"]
     runs = {ref: tmp_path / ref for ref in ("precompute", "model")}
     for ref, run in runs.items():
@@ -84,6 +85,13 @@ def test_reference_model_gives_the_precomputed_reference_losses(tmp_path: Path) 
     assert (runs["precompute"] / "reference_logps.train.safetensors").is_file()
     assert not list(runs["model"].glob("reference_logps.*")) and not events(runs["model"], "reference")
     assert _checkpoint_names(runs["model"], 4) == _checkpoint_names(runs["precompute"], 4)
+    # ZeRO-2: the frozen copy through deepspeed.initialize at stage 0 (replicated, no optimizer).
+    zero2 = tmp_path / "zero2"
+    train_ok(*args, "objective.reference=model", "parallel=zero2", "checkpoint.enabled=false", run=zero2, cwd=tmp_path)
+    c = losses(zero2)
+    assert c[1] == pytest.approx(math.log(2), abs=1e-6)
+    for s in a:
+        assert c[s] == pytest.approx(a[s], abs=1e-5), (s, a, c)  # another backend: fp32 rounding apart
 
 
 @pytest.mark.slow
