@@ -2,8 +2,9 @@
 
 The training loop talks only to the Engine protocol below and never branches on the backend.
 `BACKENDS` is the one table from a `parallel.backend` name to the module that implements it; each
-such module provides `Engine` (training), `FrozenEngine` (a frozen copy: DPO's reference), `CheckpointReader` (its checkpoints read offline, for
-export, beside the code that writes them) and `check_job` (driver-side config checks).
+such module provides `Engine` (training), `FrozenEngine` (a frozen copy: DPO's reference model),
+`CheckpointReader` (its checkpoints read offline, for export, beside the code that writes them)
+and `check_job` (driver-side config checks).
 Order inside every backend: the module arrives with PEFT and activation checkpointing already
 applied (on the meta device); the backend shards it, then calls `materialize` so each rank fills
 only its own shards, then builds the optimizer over the trainable (sharded) parameters.
