@@ -402,7 +402,7 @@ class PeftConfig:
 OBJECTIVE_KINDS = ("sft", "dpo")
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo")
 REFERENCE_FREE_LOSSES = ("simpo",)
-REFERENCE_SOURCES = ("auto", "adapters", "precompute")
+REFERENCE_SOURCES = ("auto", "adapters", "precompute", "model")
 
 
 @dataclass(kw_only=True)
@@ -439,14 +439,17 @@ class DPOObjectiveConfig:
     same sharded model with its adapters disabled, one extra no-grad forward per micro-batch),
     `precompute` (one sharded no-grad pass over every training and held-out pair before step 1,
     stored in `<run.dir>/reference_logps.safetensors` keyed by row, reused on resume at any world
-    size), `auto`: adapters with an adapter method, precompute for full fine-tuning."""
+    size), `model` (full fine-tuning: a frozen copy of the model, sharded by the same backend and
+    loaded from the same weights, run without autograd before each forward; costs a second copy of
+    the weights, sharded, and one extra forward per micro-batch; nothing stored, never checkpointed),
+    `auto`: adapters with an adapter method, precompute for full fine-tuning."""
 
     @property
     def reference_free(self) -> bool:
         return self.loss in REFERENCE_FREE_LOSSES
 
     def reference_source(self, peft_method: str) -> str:
-        """`none`, `adapters` or `precompute`: `reference` with `auto` resolved for `peft_method`."""
+        """`none`, `adapters`, `precompute` or `model`: `reference` with `auto` resolved for `peft_method`."""
         if self.reference_free:
             return "none"
         if self.reference != "auto":
@@ -1135,6 +1138,11 @@ class JobConfig:
             _require(self.peft.method != "none", "objective.reference",
                      "adapters (the model with its adapters disabled) needs peft=lora|qlora|longlora; "
                      "use precompute for full fine-tuning")
+        if o.reference_source(self.peft.method) == "model":
+            # With adapters the reference is the same model with them disabled: no second copy needed.
+            _require(self.peft.method == "none", "objective.reference",
+                     f"model (a frozen copy of the whole model) is for full fine-tuning (peft=none); with "
+                     f"peft={self.peft.method} use adapters (the same model with its adapters disabled)")
 
     def _validate_restarts(self) -> None:
         # Ray Train restarts a failed worker group inside the same launch (launcher=ray, or Slurm's

@@ -95,6 +95,8 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     rss_before_load, t_load = host_rss_gib()[0], time.perf_counter()
     engine = _parallelize(job, d, built, facts)
     built.module.train()
+    if job.objective.kind == "dpo" and job.objective.reference_source(job.peft.method) == "model":
+        engine = _with_reference_model(job, d, engine, objective=objective, packed=packing is not None)
     c = built.counts
     log.info("parameters: %s total, %s trainable (%s)", f"{c.total:,}", f"{c.trainable:,}", job.peft.method)
 
@@ -268,6 +270,25 @@ def _parallelize(job: JobConfig, d: Dist, built: BuiltModule, facts: ModelFacts)
                  job.model.path or "-", stats["initialised"], job.seed)
 
     return parallelize(built.module, layers=built.layers, job=job, dist=d, materialize=fill)
+
+
+def _with_reference_model(job: JobConfig, d: Dist, engine: Engine, *, objective: Any, packed: bool) -> Engine:
+    """objective.reference=model: a frozen copy of the model (`build_module(frozen=True)`), sharded by
+    the same backend and filled from the same weights as the trained one (model.path or the seed's
+    init), run before each forward (ftcluster/objectives/reference.py). Never checkpointed: a
+    resumed run rebuilds it from those weights, so the reference stays the untrained model."""
+    from ftcluster.objectives.reference import WithReferenceModel
+    from ftcluster.parallel import parallelize_frozen
+
+    ref = build_module(job, objective=objective, packed=packed, frozen=True)
+
+    def fill(module: torch.nn.Module, device: torch.device, shard_view) -> None:  # type: ignore[no-untyped-def]
+        stats = materialize(module, cfg=job.model, seed=job.seed, device=device, shard_view=shard_view)
+        log.info("reference model: %d tensors loaded from %s, %d initialised from seed %d (a frozen sharded copy)",
+                 stats["loaded"], job.model.path or "-", stats["initialised"], job.seed)
+
+    frozen = parallelize_frozen(ref.module, layers=ref.layers, job=job, dist=d, materialize=fill)
+    return WithReferenceModel(engine=engine, reference=frozen)
 
 
 def _resume(job: JobConfig, d: Dist, ckpt: CheckpointManager, engine: Engine, state: dict[str, Any]) -> Loaded | None:

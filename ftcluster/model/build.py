@@ -165,13 +165,21 @@ class BuiltModule:
     """Global parameter counts (for the log and the MFU formula)."""
 
 
-def build_module(job: JobConfig, *, objective: Objective | None = None, packed: bool = False) -> BuiltModule:
+def build_module(job: JobConfig, *, objective: Objective | None = None, packed: bool = False,
+                 frozen: bool = False) -> BuiltModule:
     """The trained module on the meta device (no memory): the same parameter names, shapes and
     PEFT wrapping (QLoRA's NF4 layers included) for training, export and tests. `packed`: it will
-    train on packed rows (the attention implementation that keeps samples apart)."""
+    train on packed rows (the attention implementation that keeps samples apart). `frozen`: DPO's
+    reference copy (objective.reference=model): no PEFT, no activation checkpointing (it runs
+    without autograd), nothing trainable; the same parameter names as the full fine-tune's, so
+    `materialize` fills it with the same weights."""
     hf_config = build_hf_config(job.model)
     hf_model = build_meta_model(job.model, hf_config, packed=packed)
     layers = find_decoder_layers(hf_model)
+    if frozen:
+        hf_model.requires_grad_(False)
+        module = TrainModule(model=hf_model, hf_model=hf_model, objective=objective or build_objective(job))
+        return BuiltModule(module=module, hf_model=hf_model, layers=layers, counts=count_params(module))
     trained = apply_peft(hf_model, job, layers=layers)
     if job.train.activation_checkpointing:
         # Per decoder layer, before sharding; non-reentrant so frozen inputs need no grad hack.

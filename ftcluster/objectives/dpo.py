@@ -4,7 +4,8 @@ The head gets the decoder's hidden states of a `PreferenceBatch` (rows [0, P) ch
 rejected) and computes each row's response log-prob in chunks of rows (each chunk recomputed in
 backward, so fp32 logits exist for `train.loss_chunk_size` tokens at a time, as in SFT). The loss
 is summed over pairs; the trainer divides by the global number of pairs. Reference log-probs come
-with the batch: precomputed (`batch.ref_logps`) or from the adapters-disabled forward that
+with the batch: precomputed or from the frozen reference copy (`batch.ref_logps`, set before the
+forward: ftcluster/objectives/reference.py), or from the adapters-disabled forward that
 `TrainModule` runs when `needs_reference_forward`.
 
 Metrics (TRL's names): rewards/chosen, rewards/rejected (beta x policy-minus-reference log-prob;
@@ -92,7 +93,7 @@ class DPO:
 
     def __init__(self, *, cfg: DPOObjectiveConfig, peft_method: str, chunk_size: int) -> None:
         self.cfg, self.chunk_size = cfg, chunk_size
-        self.reference = cfg.reference_source(peft_method)  # none | adapters | precompute
+        self.reference = cfg.reference_source(peft_method)  # none | adapters | precompute | model
         self.needs_reference_forward = self.reference == "adapters"
         self._stats: torch.Tensor | None = None
 

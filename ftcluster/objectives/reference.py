@@ -1,4 +1,5 @@
-"""Precomputed reference log-probs (`objective.reference=precompute`, the default for full FT).
+"""Reference log-probs for DPO/IPO on full fine-tuning: precomputed (`objective.reference=precompute`,
+the default) or from a frozen copy of the model (`objective.reference=model`, `WithReferenceModel`).
 
 Before step 1, one sharded pass of the untrained model over every pair (through the engine's
 evaluation forward, so FSDP2 / ZeRO-3 gather layer by layer as in training; no second copy of the
@@ -8,9 +9,15 @@ every rank the whole table, which rank 0 writes to `<run.dir>/reference_logps.<s
 keyed by pair (its raw row), with a fingerprint of the tokenised pairs. A resumed run, at any world
 size, reads the table instead of recomputing it with trained weights; a resumed run without it
 (or with other data) fails rather than use the wrong reference.
+
+`objective.reference=model` keeps a frozen copy instead (a second copy of the weights, sharded by
+the same backend; no file, nothing in checkpoints: it is rebuilt from the same weights on resume)
+and runs it before each forward of the trained model; its log-probs reach the objective on the
+batch (`ref_logps`), where the precomputed ones do.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -19,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ftcluster.data.errors import DataError
 from ftcluster.distributed import all_reduce_sum, barrier
@@ -107,3 +115,49 @@ def _compute(*, engine: Any, collator: Any, rank: int, world_size: int, device: 
         all_reduce_sum(values)  # each row is filled by exactly one rank: the sum is that value, exactly
     keys = np.array([data.key(i) for i in range(n)], dtype=np.int64)
     return ReferenceLogps(keys=keys, values=values.cpu().numpy())
+
+
+class WithReferenceModel:
+    """The trained engine, with a frozen reference engine run first on every forward: the batch's
+    `ref_logps` (chosen then rejected, [2P]) come from it, then the trained engine's forward sees
+    the batch exactly as if they had been precomputed. Every other call (backward, step, save and
+    load of the state, generate) goes to the trained engine only, so the reference is never saved
+    and never touches optimizer, gradient or RNG state (eval mode, no autograd: no dropout draws)."""
+
+    def __init__(self, *, engine: Any, reference: Any) -> None:
+        self.engine, self.reference = engine, reference
+        self.module: nn.Module = engine.module
+
+    def _with_reference(self, batch: Any) -> Any:
+        if batch.ref_logps is not None:
+            return batch
+        logps = self.reference.eval_forward(dataclasses.replace(batch, logps_only=True))
+        return batch.with_reference(logps.float())
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.engine.forward(self._with_reference(batch))
+
+    def eval_forward(self, batch: Any) -> torch.Tensor:
+        if batch.logps_only:  # a log-prob pass of the trained model itself
+            return self.engine.eval_forward(batch)
+        return self.engine.eval_forward(self._with_reference(batch))
+
+    def backward(self, loss: torch.Tensor, *, last_micro: bool) -> None:
+        self.engine.backward(loss, last_micro=last_micro)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+        return self.engine.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return self.engine.clip_grad_norm(max_norm)
+
+    def step(self, *, lr: float, skip: torch.Tensor) -> None:
+        self.engine.step(lr=lr, skip=skip)
+
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_state(directory)  # the reference is rebuilt from the model's weights, not saved
+
+    def load_state(self, directory: Path) -> None:
+        self.engine.load_state(directory)

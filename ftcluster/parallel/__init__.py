@@ -2,8 +2,9 @@
 
 The training loop talks only to the Engine protocol below and never branches on the backend.
 `BACKENDS` is the one table from a `parallel.backend` name to the module that implements it; each
-such module provides `Engine` (training), `CheckpointReader` (its checkpoints read offline, for
-export, beside the code that writes them) and `check_job` (driver-side config checks).
+such module provides `Engine` (training), `FrozenEngine` (a frozen copy: DPO's reference model),
+`CheckpointReader` (its checkpoints read offline, for export, beside the code that writes them)
+and `check_job` (driver-side config checks).
 Order inside every backend: the module arrives with PEFT and activation checkpointing already
 applied (on the meta device); the backend shards it, then calls `materialize` so each rank fills
 only its own shards, then builds the optimizer over the trainable (sharded) parameters.
@@ -113,4 +114,22 @@ def parallelize(module: nn.Module, *, layers: list[nn.Module], job: JobConfig, d
     """Shard `module` (decoder `layers` are the sharding unit), fill its local shards, build the
     optimizer. The module arrives with PEFT and activation checkpointing applied."""
     engine_cls = backend_for(job.parallel.backend).Engine
+    return engine_cls(module, layers=layers, job=job, dist=dist, materialize=materialize)
+
+
+class FrozenEngine(Protocol):
+    """A frozen module sharded by the same backend as the trained one (DPO's reference copy,
+    objective.reference=model): no optimizer, no gradient, never checkpointed."""
+
+    module: nn.Module
+
+    def eval_forward(self, batch: Batch) -> torch.Tensor:
+        """The module's output in eval mode without autograd. Collective under sharding."""
+
+
+def parallelize_frozen(module: nn.Module, *, layers: list[nn.Module], job: JobConfig, dist: Dist,
+                       materialize: Materialize) -> FrozenEngine:
+    """Shard a module with no trainable parameters the way `parallelize` shards the trained one and
+    fill its local shards; no optimizer is built."""
+    engine_cls = backend_for(job.parallel.backend).FrozenEngine
     return engine_cls(module, layers=layers, job=job, dist=dist, materialize=materialize)

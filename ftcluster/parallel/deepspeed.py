@@ -477,6 +477,58 @@ class Engine:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
 
+def build_frozen_ds_config(job: JobConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a frozen copy (DPO's reference): the job's, without an optimizer.
+    ZeRO-3 keeps stage 3 (the copy's parameters are partitioned and gathered per forward); under
+    ZeRO-1/2 DeepSpeed partitions only optimizer state and gradients, which a frozen copy has none
+    of, so it runs at stage 0 (replicated, as the trained weights are there). TRL's
+    `prepare_deepspeed` prepares its reference model the same way."""
+    cfg = build_ds_config(job)
+    cfg.pop("optimizer", None)
+    if ZERO_STAGES[job.parallel.backend] != 3:
+        cfg["zero_optimization"] = {"stage": 0}
+    else:
+        cfg["zero_optimization"].pop("offload_optimizer", None)
+    return cfg
+
+
+class FrozenEngine:
+    """A frozen module (objective.reference=model) through `deepspeed.initialize` without an
+    optimizer (see `build_frozen_ds_config`), filled by `materialize` from the same weights as the
+    trained module; each forward runs in eval mode without autograd."""
+
+    def __init__(self, module: nn.Module, *, layers: list[nn.Module], job: JobConfig, dist: Dist,
+                 materialize: "Materialize") -> None:
+        with _quiet_deepspeed():
+            import deepspeed
+        if any(p.requires_grad for p in module.parameters()):
+            raise ValueError("FrozenEngine: the module has trainable parameters")
+        compute = torch.bfloat16 if job.train.dtype == "bf16" else torch.float32
+        ds_config = build_frozen_ds_config(job)
+        for p in module.parameters():
+            p.data = p.data.to(compute)  # on the meta device: free
+        zero3 = ds_config["zero_optimization"]["stage"] == 3
+        if zero3:
+            with _quiet_deepspeed():
+                _partition_zero3(module, ds_config=ds_config, layers=layers, device=dist.device)
+            deepspeed.zero.register_external_parameter(module, module.hf_model.get_output_embeddings().weight)
+            if job.parallel.stage3_gather_per_layer:  # one gather per decoder layer, as the trained copy
+                from deepspeed.utils import set_z3_leaf_modules
+
+                set_z3_leaf_modules(module, sorted({type(m).__name__ for m in layers}))
+        else:
+            _to_empty_keep_ties(list(module.modules()), _ties(module), dist.device)
+        materialize(module, dist.device, shard_view)
+        with _quiet_deepspeed():
+            self.ds, _, _, _ = deepspeed.initialize(model=module, config=ds_config, dist_init_required=False)
+        self.ds.eval()
+        self.module = module
+
+    @torch.no_grad()
+    def eval_forward(self, batch: Batch) -> torch.Tensor:
+        return self.ds(batch)
+
+
 def shard_view(param: torch.Tensor) -> LocalSlice:
     """This rank's part of a parameter. ZeRO-3: this rank holds `ds_tensor`, elements [start, end)
     of the flattened tensor (the last rank's partition is zero-padded); the block of whole rows

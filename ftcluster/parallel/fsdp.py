@@ -175,6 +175,33 @@ class Engine:
                        options=StateDictOptions(strict=False))
 
 
+class FrozenEngine:
+    """A frozen module (DPO's reference copy, objective.reference=model) sharded like the trained
+    one: `fully_shard` per decoder layer and on the root, weights in the compute dtype, no
+    optimizer, no gradients; each forward gathers and frees layer by layer as in training."""
+
+    def __init__(self, module: nn.Module, *, layers: list[nn.Module], job: JobConfig, dist: Dist,
+                 materialize: "Materialize") -> None:
+        if any(p.requires_grad for p in module.parameters()):
+            raise ValueError("FrozenEngine: the module has trainable parameters")
+        compute = DTYPES[job.train.dtype]
+        for p in module.parameters():
+            p.data = p.data.to(compute)  # on the meta device: free
+        mesh = init_device_mesh(dist.device_type, (dist.world_size,))
+        offload = CPUOffloadPolicy() if job.parallel.cpu_offload else None  # as the trained copy
+        kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=None),  # already in compute dtype
+              **({"offload_policy": offload} if offload else {})}
+        for layer in layers:
+            fully_shard(layer, **kw)  # resharded after each forward: one gathered layer at a time
+        fully_shard(module, **kw)
+        materialize(module, torch.device("cpu") if offload is not None else dist.device, shard_view)
+        self.module = module.eval()
+
+    @torch.no_grad()
+    def eval_forward(self, batch: Batch) -> torch.Tensor:
+        return self.module(batch)
+
+
 def shard_view(param: torch.Tensor) -> LocalSlice:
     """This rank's part of an FSDP2 parameter: a DTensor's local shard and where it sits."""
     from torch.distributed.tensor import DTensor
