@@ -184,7 +184,8 @@ class MetricsLogger:
         self._write({"event": "eval", **record, "time": time.time()})
         extra = "".join(f" {k.removeprefix('eval_')} {record[k]:.4f}" for k in
                         ("eval_rewards/accuracy", "eval_rewards/margin", "eval_exact_match", "eval_rougeL") if k in record)
-        line = (f"eval step {record['step']}: loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}{extra} "
+        ppl = f" ppl {record['eval_ppl']:.2f}" if "eval_ppl" in record else ""
+        line = (f"eval step {record['step']}: loss {record['eval_loss']:.4f}{ppl}{extra} "
                 f"({record['eval_samples']} samples, {record['eval_tokens_per_s']:,.0f} tok/s)")
         self.print(line)
         if self.wandb_run is not None:

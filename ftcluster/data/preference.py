@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from datasets.fingerprint import Hasher
 
@@ -89,6 +90,8 @@ class PreferenceStats:
     kept: int
     dropped_overlength: int
     truncated: int
+    tokens: int = 0
+    """Tokens of the kept pairs' two sequences (prompt + chosen, prompt + rejected), after truncation."""
     dropped_no_supervision: int = 0
     """Always 0: a pair without a response is a bad row (an error), not a drop."""
 
@@ -167,8 +170,11 @@ def build_preference_dataset(cfg: DataConfig, *, tokenizer: Any, seed: int = 0,
         raise DataError(f"{source.locate(e.row)}: {e.message}") from None
     status = np.asarray(rows.select_columns(["status"]).with_format("numpy")[:]["status"])
     kept = np.flatnonzero(status <= TRUNCATED)
+    lengths = {c: np.asarray(pc.list_value_length(rows.data.column(c)).to_numpy(zero_copy_only=False))[kept]
+               for c in ("prompt", "chosen", "rejected")}
     stats = PreferenceStats(rows_read=len(rows), kept=len(kept), dropped_overlength=int((status == DROPPED_OVERLENGTH).sum()),
-                            truncated=int((status == TRUNCATED).sum()))
+                            truncated=int((status == TRUNCATED).sum()),
+                            tokens=int((2 * lengths["prompt"] + lengths["chosen"] + lengths["rejected"]).sum()))
     if stats.kept == 0:
         raise DataError(f"data.path: no usable pairs in {cfg.path}: all {stats.rows_read} were longer than "
                         f"data.max_seq_len={cfg.max_seq_len} (data.overlength=drop)")

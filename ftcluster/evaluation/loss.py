@@ -71,7 +71,9 @@ def eval_loss(engine: Any, objective: Any, batches: EvalBatches, *, device: torc
     loss_sum, units_all, tokens_all, *stat_sums = all_reduce_sum(torch.cat(parts)).tolist()
     seconds = max(time.perf_counter() - t0, 1e-9)
     loss = loss_sum / max(units_all, 1.0)
-    return {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else math.inf,
+    # Perplexity is exp of a per-token loss (SFT); a preference loss is per pair: no perplexity.
+    ppl = {"eval_ppl": math.exp(loss) if loss < 700 else math.inf} if stats is None else {}
+    return {"eval_loss": loss, **ppl,
             "eval_tokens_per_s": tokens_all / seconds, "eval_samples": batches.samples_covered(),
             "eval_tokens": int(tokens_all), "eval_seconds": round(seconds, 3),
             **({f"eval_{k}": v for k, v in objective.describe(stat_sums).items()} if stats is not None else {})}
