@@ -157,11 +157,17 @@ def test_rendered_4x8_script(mode: str, tmp_path: Path) -> None:
                         f"{bin_dir}/python -u -m ftcluster.launch.slurm_job torchrun {cfg} --run-dir {run_dir} "
                         "--nnodes 4 --rdzv-endpoint 10.1.0.1:21234 --rdzv-id 1234.0"], log
     else:
-        ray = f"{bin_dir}/python -m ray.scripts.scripts start --block --disable-usage-stats --num-gpus=8 --temp-dir=/tmp/ray-ftc-1234"
+        sub = run_dir / "slurm/submit-1"
+        ray = (f"bash {sub}/ray-node.1234.0.sh {sub}/ray-stop.1234.0 {run_dir}/logs/ray/1234.0 {bin_dir}/python -m "
+               "ray.scripts.scripts start --block --disable-usage-stats --num-gpus=8 --temp-dir=/tmp/ray-ftc-1234")
         # Both Ray steps start in the background: either may log first.
         assert sorted(srun) == sorted([
             f"srun --nodes=1 --ntasks=1 --nodelist=gpu001 --overlap {ray} --head --port=41234 --dashboard-port=41235",
             f"srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --exclude=gpu001 --overlap {ray} --address=10.1.0.1:41234"]), log
+        # The Ray steps ended on the stop file (the stand-in Ray ignores nothing, so a TERM would
+        # show as the fallback line); the job's own files are gone.
+        assert "did not stop within" not in out, out
+        assert not list(sub.glob("ray-stop.*")) and not list(sub.glob("ray-node.*")), list(sub.iterdir())
         assert py == [f"python -u -m ftcluster.launch.slurm_job ray {cfg} --run-dir {run_dir} --address 10.1.0.1:41234 "
                       "--nodes 4 --wait-s 300"], log
         assert not list((run_dir / "slurm/submit-1").glob("ray-token.*")), "the job's Ray token must be removed"
@@ -414,6 +420,17 @@ def test_job_trains_to_a_committed_checkpoint(jobs: Jobs) -> None:
     assert {p.name for p in (run / "slurm/submit-1").iterdir()} >= {"job.sbatch", "config.yaml", "job_id", out.name}
     assert (run / "slurm/submit-1/config.yaml").read_text() == (run / "config.yaml").read_text()
     assert "training finished" in out.read_text() and (run / "logs/rank0.log").is_file()
+    # A clean end: the Ray steps stopped by themselves (no srun TERM, so no cancelled or killed
+    # step), the last line is the success line, and no node kept the job's Ray files in /tmp.
+    lines = out.read_text().splitlines()
+    assert lines[-1].endswith("] training finished"), lines[-20:]
+    bad = [ln for ln in lines if "srun: error" in ln or "CANCELLED" in ln or "Killed" in ln]
+    assert not bad, bad
+    assert not Path(f"/tmp/ray-ftc-{job_id}").exists()
+    # Ray's own output is kept in the run dir: the head's `ray start` log and its session logs.
+    ray_logs = run / f"logs/ray/{job_id}.0"
+    assert "Ray runtime started" in next(ray_logs.glob("*.log")).read_text(), list(ray_logs.iterdir())
+    assert any(p.is_dir() and list(p.glob("raylet*")) for p in ray_logs.iterdir()), list(ray_logs.iterdir())
 
 
 @pytest.mark.slow
