@@ -66,7 +66,7 @@ def test_first_fit_decreasing_places_every_sample_once_within_capacity() -> None
 def test_packed_batch_layout() -> None:
     data = Lengths([3, 1, 4])
     b = collate_packed([[data[0], data[1]], [data[2]]], max_seq_len=8, pad_id=0)
-    assert b.input_ids.shape == (2, 8) and b.num_tokens == 8
+    assert b.input_ids.shape == (2, 8) and b.num_tokens == 8  # width: always max_seq_len
     assert b.position_ids[0].tolist() == [0, 1, 2, 0, 0, 1, 2, 3]  # restart per sample, then the tail
     assert b.segment_ids[0].tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
     ids = data[0][0]

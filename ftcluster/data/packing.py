@@ -90,15 +90,14 @@ class PackedBatches:
     `DistributedBatches` (next_microbatch, consumed, epoch, state_dict, load_state_dict)."""
 
     def __init__(self, data: Any, *, micro_batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
-                 pad_id: int, max_seq_len: int, window: int, pad_to_multiple_of: int = 8,
-                 pin_memory: bool = False) -> None:
+                 pad_id: int, max_seq_len: int, window: int, pin_memory: bool = False) -> None:
         if len(data) == 0:
             raise DataError("data.path: no usable samples")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.data, self.micro_batch_size, self.rank, self.world_size = data, micro_batch_size, rank, world_size
         self.seed, self.shuffle, self.pad_id, self.max_seq_len = seed, shuffle, pad_id, max_seq_len
-        self.window, self.pad_to_multiple_of, self.pin_memory = window, pad_to_multiple_of, pin_memory
+        self.window, self.pin_memory = window, pin_memory
         self._lengths = np.asarray(data.lengths(), dtype=np.int64)
         if self._lengths.max() > max_seq_len:
             i = int(self._lengths.argmax())
@@ -146,7 +145,7 @@ class PackedBatches:
             self._epoch_start += len(self.plan(self._epoch))
             self._epoch += 1
         batch = collate_packed([[self.data[int(i)] for i in r] for r in rows], max_seq_len=self.max_seq_len,
-                               pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+                               pad_id=self.pad_id)
         return batch.pin_memory() if self.pin_memory else batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -168,16 +167,15 @@ class PackedBatches:
         self._plans = {}
 
 
-def collate_packed(rows: list[list[tuple[Any, Any]]], *, max_seq_len: int, pad_id: int,
-                   pad_to_multiple_of: int = 8) -> Batch:
+def collate_packed(rows: list[list[tuple[Any, Any]]], *, max_seq_len: int, pad_id: int) -> Batch:
     """Rows of samples `(input_ids, supervised)` into one packed Batch: samples back to back,
-    positions restarting at each, the row's tail padded (a segment of its own). Width: the
-    longest row rounded up to `pad_to_multiple_of`, at most max_seq_len."""
+    positions restarting at each, the row's tail padded (a segment of its own). Width: always
+    max_seq_len (rows are nearly full anyway), so every micro-batch has one shape and compiled
+    kernels (flex attention) never recompile for a new width."""
     used = [sum(len(ids) for ids, _ in r) for r in rows]
     if max(used) > max_seq_len:
         raise DataError(f"a packed row holds {max(used)} tokens, more than data.max_seq_len={max_seq_len}")
-    m = pad_to_multiple_of
-    width = min(-(-max(used) // m) * m, max_seq_len)
+    width = max_seq_len
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
