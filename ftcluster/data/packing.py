@@ -157,12 +157,13 @@ class PackedBatches:
         if not state.get("packed"):
             raise DataError("cannot resume the data position: the checkpoint was taken with unpacked batches "
                             "(data.packing=false); resume with data.packing=false or start a new run.dir")
-        for key, mine in (("num_samples", len(self.data)), ("seed", self.seed), ("shuffle", self.shuffle),
-                          ("packing_window", self.window), ("max_seq_len", self.max_seq_len)):
-            if state[key] != mine:
-                name = key if key in ("seed",) else f"data.{key}" if key != "num_samples" else "the data"
-                raise DataError(f"cannot resume the packed data position: the checkpoint was taken with {key}="
-                                f"{state[key]}, this run has {mine}; {name} must match to continue the same rows")
+        # The rows are a function of these: any change would continue a different sequence of rows.
+        for key, mine in (("num_samples", len(self.data)), ("seed", self.seed), ("data.shuffle", self.shuffle),
+                          ("data.packing_window", self.window), ("data.max_seq_len", self.max_seq_len)):
+            saved = state[key.removeprefix("data.")]
+            if saved != mine:
+                raise DataError(f"cannot resume the packed data position: the checkpoint was taken with {key}={saved}, "
+                                f"this run has {mine}; the same data and settings are needed to continue the same rows")
         self._consumed, self._epoch, self._epoch_start = (int(state[k]) for k in ("consumed", "epoch", "epoch_start"))
         self._plans = {}
 
