@@ -5,7 +5,8 @@ Order of operations (what makes it exact and resumable on any world size):
 1. The epoch's samples in data order: the same seeded permutation as unpacked training
    (`batches.epoch_order`, a mix's epoch pool included).
 2. Rows: first-fit decreasing (FFD) over consecutive windows of `data.packing_window` samples of
-   that order. A function of (seed, epoch, data) only: never of the rank or the world size.
+   that order, then the rows shuffled (seeded; FFD makes the long-sample rows first). A function
+   of (seed, epoch, data) only: never of the rank or the world size.
 3. Shard: the global row sequence is dealt out like unpacked samples (`micro_batch_size` rows per
    rank per call, the whole global window advanced on every rank), so the saved position counts
    global rows and resumes the same sequence on another number of ranks.
@@ -30,6 +31,9 @@ from ftcluster.data.batches import epoch_order
 from ftcluster.data.errors import DataError
 
 log = logging.getLogger(__name__)
+
+PACK_STREAM = 4
+"""Random stream of the row order within an epoch (0: sample order, 1: synthetic, 2: hold-out, 3: mix)."""
 
 
 def resolve_packing(cfg: DataConfig, data: Any) -> tuple[bool, str]:
@@ -120,6 +124,11 @@ class PackedBatches:
         if epoch not in self._plans:
             order = epoch_order(self.data, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
             rows = first_fit_decreasing(self._lengths[order], capacity=self.max_seq_len, window=self.window)
+            if self.shuffle:
+                # FFD opens rows longest-first: without this, each window would train its long
+                # samples first and its short ones last (a length curriculum nobody asked for).
+                perm = np.random.default_rng([self.seed, PACK_STREAM, epoch]).permutation(len(rows))
+                rows = [rows[i] for i in perm]
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
             self._plans[epoch] = [order[r] for r in rows]
         return self._plans[epoch]
