@@ -140,7 +140,7 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
         log.info("evaluation: %d held-out samples, %d batches per rank, %d prompts", len(eval_data),
                  evaluator.batches.num_batches, len(evaluator.prompts))
     _print_start(job, d, metrics, built=built, data=data, eval_data=eval_data, run_dir=run_dir, loaded=loaded,
-                 wandb_run=wandb_run)
+                 wandb_run=wandb_run, packing=packing)
     throughput = ThroughputWindow(flops=_flops_model(built), world_size=d.world_size, on_gpu=d.device_type == "cuda")
     return Trainer(job=job, dist=d, engine=engine, batches=batches, objective=objective, ckpt=ckpt, metrics=metrics,
                    throughput=throughput, progress=progress, stops=stops, faults=Faults(job.debug, rank=d.rank, run_dir=run_dir),
@@ -149,7 +149,7 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
 
 
 def _print_start(job: JobConfig, d: Dist, metrics: MetricsLogger, *, built: BuiltModule, data: Any, eval_data: Any,
-                 run_dir: Path, loaded: Loaded | None, wandb_run: Any) -> None:
+                 run_dir: Path, loaded: Loaded | None, wandb_run: Any, packing: dict | None) -> None:
     """Rank 0: the console's start block (ftcluster.console.start_block)."""
     if not d.is_main:
         return
@@ -172,7 +172,7 @@ def _print_start(job: JobConfig, d: Dist, metrics: MetricsLogger, *, built: Buil
         data=job.data.path or job.data.format, samples=len(data), mean_len=st.tokens / max(st.kept, 1),
         max_seq_len=job.data.max_seq_len, dropped=st.dropped_overlength + st.dropped_no_supervision,
         truncated=st.truncated, eval_line=eval_line, checkpoints=checkpoints,
-        wandb=wandb_location(kind=job.logger.kind, mode=job.logger.mode, run=wandb_run))
+        wandb=wandb_location(kind=job.logger.kind, mode=job.logger.mode, run=wandb_run), packing=packing)
     for line in lines:
         metrics.print(line)
 

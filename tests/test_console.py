@@ -209,7 +209,9 @@ def test_default_run_prints_one_screen_and_a_summary_then_nothing_to_do(tmp_path
     assert 15 <= len(steps) <= 22 and steps[-1].startswith("step 100/100"), steps  # ~every 5 steps
     assert len(lines) - len(steps) <= 40, out
     assert lines[1] == "ftcluster train: fresh run" and f"  run dir     {run}" in lines
-    assert any(ln.startswith("  data        2,000 samples from ") and "fill" in ln for ln in lines), out
+    assert any(ln.startswith("  data        2,000 samples from ") for ln in lines), out
+    # The embedded default packs, and the start block says so with the rows' fill.
+    assert any(ln.startswith("  rows        packed: ") and "samples/row" in ln and "fill" in ln for ln in lines), out
     summary = lines[lines.index(f"run {run}"):]
     for row in ("steps            100 (finished)", "train loss ", "eval loss ", "tokens/s ", "MFU ",
                 "peak GPU memory ", "wall time ", f"checkpoint       {run}/checkpoints/step_100",

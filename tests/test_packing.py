@@ -66,7 +66,7 @@ def test_first_fit_decreasing_places_every_sample_once_within_capacity() -> None
 def test_packed_batch_layout() -> None:
     data = Lengths([3, 1, 4])
     b = collate_packed([[data[0], data[1]], [data[2]]], max_seq_len=8, pad_id=0)
-    assert b.input_ids.shape == (2, 8) and b.num_tokens == 8
+    assert b.input_ids.shape == (2, 8) and b.num_tokens == 8  # width: always max_seq_len
     assert b.position_ids[0].tolist() == [0, 1, 2, 0, 0, 1, 2, 3]  # restart per sample, then the tail
     assert b.segment_ids[0].tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
     ids = data[0][0]
@@ -318,3 +318,15 @@ def test_cli_packed_mix_two_ranks_kill9_resume_identical_losses(tmp_path: Path) 
     steps = [r for r in records(full) if "loss" in r]
     assert all(0.9 < r["row_fill"] <= 1 for r in steps)
     assert json.loads(json.dumps(steps[0]))["tokens_per_s"] > 0
+
+
+def test_flops_count_each_samples_own_attention_span() -> None:
+    from ftcluster.metrics import FlopsModel
+
+    plain = FlopsModel(n_frozen=100, n_trainable=10, n_layers=2, hidden=4, attended_span=lambda w: w)
+    base = 4 * 100 + 6 * 10
+    # two samples of 10 and 30 tokens in a 64-wide row attend 10 and 30 keys, not 64
+    assert plain.per_token_packed([10, 30], 64) == base + 12 * 2 * 4 * (10 * 10 + 30 * 30) / 40
+    assert plain.per_token(64) == base + 12 * 2 * 4 * 64  # unpacked: the padded width, as before
+    s2 = FlopsModel(n_frozen=100, n_trainable=10, n_layers=2, hidden=4, attended_span=lambda w: 16)
+    assert s2.per_token_packed([10, 30], 64) == base + 12 * 2 * 4 * (10 * 10 + 30 * 16) / 40  # capped at the group

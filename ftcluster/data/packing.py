@@ -5,7 +5,8 @@ Order of operations (what makes it exact and resumable on any world size):
 1. The epoch's samples in data order: the same seeded permutation as unpacked training
    (`batches.epoch_order`, a mix's epoch pool included).
 2. Rows: first-fit decreasing (FFD) over consecutive windows of `data.packing_window` samples of
-   that order. A function of (seed, epoch, data) only: never of the rank or the world size.
+   that order, then the rows shuffled (seeded; FFD makes the long-sample rows first). A function
+   of (seed, epoch, data) only: never of the rank or the world size.
 3. Shard: the global row sequence is dealt out like unpacked samples (`micro_batch_size` rows per
    rank per call, the whole global window advanced on every rank), so the saved position counts
    global rows and resumes the same sequence on another number of ranks.
@@ -30,6 +31,9 @@ from ftcluster.data.batches import epoch_order
 from ftcluster.data.errors import DataError
 
 log = logging.getLogger(__name__)
+
+PACK_STREAM = 4
+"""Random stream of the row order within an epoch (0: sample order, 1: synthetic, 2: hold-out, 3: mix)."""
 
 
 def resolve_packing(cfg: DataConfig, data: Any) -> tuple[bool, str]:
@@ -90,15 +94,14 @@ class PackedBatches:
     `DistributedBatches` (next_microbatch, consumed, epoch, state_dict, load_state_dict)."""
 
     def __init__(self, data: Any, *, micro_batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
-                 pad_id: int, max_seq_len: int, window: int, pad_to_multiple_of: int = 8,
-                 pin_memory: bool = False) -> None:
+                 pad_id: int, max_seq_len: int, window: int, pin_memory: bool = False) -> None:
         if len(data) == 0:
             raise DataError("data.path: no usable samples")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.data, self.micro_batch_size, self.rank, self.world_size = data, micro_batch_size, rank, world_size
         self.seed, self.shuffle, self.pad_id, self.max_seq_len = seed, shuffle, pad_id, max_seq_len
-        self.window, self.pad_to_multiple_of, self.pin_memory = window, pad_to_multiple_of, pin_memory
+        self.window, self.pin_memory = window, pin_memory
         self._lengths = np.asarray(data.lengths(), dtype=np.int64)
         if self._lengths.max() > max_seq_len:
             i = int(self._lengths.argmax())
@@ -121,6 +124,11 @@ class PackedBatches:
         if epoch not in self._plans:
             order = epoch_order(self.data, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
             rows = first_fit_decreasing(self._lengths[order], capacity=self.max_seq_len, window=self.window)
+            if self.shuffle:
+                # FFD opens rows longest-first: without this, each window would train its long
+                # samples first and its short ones last (a length curriculum nobody asked for).
+                perm = np.random.default_rng([self.seed, PACK_STREAM, epoch]).permutation(len(rows))
+                rows = [rows[i] for i in perm]
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
             self._plans[epoch] = [order[r] for r in rows]
         return self._plans[epoch]
@@ -146,7 +154,7 @@ class PackedBatches:
             self._epoch_start += len(self.plan(self._epoch))
             self._epoch += 1
         batch = collate_packed([[self.data[int(i)] for i in r] for r in rows], max_seq_len=self.max_seq_len,
-                               pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+                               pad_id=self.pad_id)
         return batch.pin_memory() if self.pin_memory else batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -158,26 +166,26 @@ class PackedBatches:
         if not state.get("packed"):
             raise DataError("cannot resume the data position: the checkpoint was taken with unpacked batches "
                             "(data.packing=false); resume with data.packing=false or start a new run.dir")
-        for key, mine in (("num_samples", len(self.data)), ("seed", self.seed), ("shuffle", self.shuffle),
-                          ("packing_window", self.window), ("max_seq_len", self.max_seq_len)):
-            if state[key] != mine:
-                name = key if key in ("seed",) else f"data.{key}" if key != "num_samples" else "the data"
-                raise DataError(f"cannot resume the packed data position: the checkpoint was taken with {key}="
-                                f"{state[key]}, this run has {mine}; {name} must match to continue the same rows")
+        # The rows are a function of these: any change would continue a different sequence of rows.
+        for key, mine in (("num_samples", len(self.data)), ("seed", self.seed), ("data.shuffle", self.shuffle),
+                          ("data.packing_window", self.window), ("data.max_seq_len", self.max_seq_len)):
+            saved = state[key.removeprefix("data.")]
+            if saved != mine:
+                raise DataError(f"cannot resume the packed data position: the checkpoint was taken with {key}={saved}, "
+                                f"this run has {mine}; the same data and settings are needed to continue the same rows")
         self._consumed, self._epoch, self._epoch_start = (int(state[k]) for k in ("consumed", "epoch", "epoch_start"))
         self._plans = {}
 
 
-def collate_packed(rows: list[list[tuple[Any, Any]]], *, max_seq_len: int, pad_id: int,
-                   pad_to_multiple_of: int = 8) -> Batch:
+def collate_packed(rows: list[list[tuple[Any, Any]]], *, max_seq_len: int, pad_id: int) -> Batch:
     """Rows of samples `(input_ids, supervised)` into one packed Batch: samples back to back,
-    positions restarting at each, the row's tail padded (a segment of its own). Width: the
-    longest row rounded up to `pad_to_multiple_of`, at most max_seq_len."""
+    positions restarting at each, the row's tail padded (a segment of its own). Width: always
+    max_seq_len (rows are nearly full anyway), so every micro-batch has one shape and compiled
+    kernels (flex attention) never recompile for a new width."""
     used = [sum(len(ids) for ids, _ in r) for r in rows]
     if max(used) > max_seq_len:
         raise DataError(f"a packed row holds {max(used)} tokens, more than data.max_seq_len={max_seq_len}")
-    m = pad_to_multiple_of
-    width = min(-(-max(used) // m) * m, max_seq_len)
+    width = max_seq_len
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)

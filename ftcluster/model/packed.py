@@ -18,6 +18,7 @@ restarting at each and segment ids naming the sample of every position. The deco
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 import torch
@@ -28,15 +29,21 @@ from ftcluster.config import S2_ATTN
 PACKED_SDPA = "ftcluster_packed"
 """Attention implementation the model is built with for packed training when sdpa was asked."""
 FLASH = ("flash_attention_2", "flash_attention_3")
+log = logging.getLogger(__name__)
 
 
 def packed_attn_implementation(asked: str) -> str:
     """The attention implementation to build the model with when training on packed rows."""
     if asked == "sdpa":
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+            log.info("packed rows: FlashAttention variable-length attention (flash_attn is installed)")
             return "flash_attention_2"
         register_packed_attention()
+        log.info("packed rows: %s", "flex attention with a document BlockMask" if torch.cuda.is_available()
+                 else "SDPA with a dense block-diagonal causal mask (no CUDA)")
         return PACKED_SDPA
+    log.info("packed rows: model.attn_implementation=%s with %s", asked,
+             "per-sample S2-Attn groups" if asked == S2_ATTN else "a block-diagonal causal mask")
     return asked
 
 
