@@ -176,7 +176,9 @@ def drive(cfg, *, driver_log=None) -> int:  # type: ignore[no-untyped-def]
         with RunDirLock(run_dir_of(job)):
             # A resume is checked against its checkpoint's config before config.yaml is rewritten.
             segment = check_resume_config(job, run_dir_of(job))
-            if segment is not None and segment.step >= job.train.max_steps:
+            # The same command again after the run finished (resume=auto); an explicit checkpoint
+            # (resume=<dir>) is loaded as asked, e.g. to evaluate it on another world size.
+            if segment is not None and job.resume == "auto" and segment.step >= job.train.max_steps:
                 print(nothing_to_do(job, segment), flush=True)
                 return 0
             if segment is not None:

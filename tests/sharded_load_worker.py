@@ -33,12 +33,12 @@ def main() -> None:
 
 
 def _load(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def]
-    from ftcluster.config import FSDP2Config, JobConfig, LocalLauncherConfig, ModelConfig, TrainConfig
+    from ftcluster.config import FSDP2Config, SFTObjectiveConfig, JobConfig, LocalLauncherConfig, ModelConfig, TrainConfig
     from ftcluster.metrics import host_rss_gib
     from ftcluster.model import build_module, hf_key, materialize
     from ftcluster.parallel import parallelize
 
-    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(), parallel=FSDP2Config(),
+    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(), parallel=FSDP2Config(), objective=SFTObjectiveConfig(),
                     train=TrainConfig(dtype="fp32"))
     built = build_module(job)
     rss_before = host_rss_gib()[0]
@@ -68,7 +68,7 @@ def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def
     """qlora: bf16 storage and compute; qlora32: fp32, with activation checkpointing (recompute)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from ftcluster.config import FSDP2Config, JobConfig, LocalLauncherConfig, ModelConfig, PeftConfig, TrainConfig
+    from ftcluster.config import FSDP2Config, SFTObjectiveConfig, JobConfig, LocalLauncherConfig, ModelConfig, PeftConfig, TrainConfig
     from ftcluster.data import IGNORE_INDEX, Batch
     from ftcluster.model import BuiltModule, SafetensorsSlices, build_module, hf_key, materialize
     from ftcluster.parallel import parallelize
@@ -77,7 +77,7 @@ def _qlora(d, mode: str, model_dir: str) -> dict:  # type: ignore[no-untyped-def
 
     fp32 = mode == "qlora32"
     dtype = torch.float32 if fp32 else torch.bfloat16
-    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(), parallel=FSDP2Config(),
+    job = JobConfig(model=ModelConfig(path=model_dir), launcher=LocalLauncherConfig(), parallel=FSDP2Config(), objective=SFTObjectiveConfig(),
                     peft=PeftConfig(method="qlora", rank=4, alpha=8.0),
                     train=TrainConfig(dtype="fp32" if fp32 else "bf16", activation_checkpointing=fp32))
 

@@ -199,7 +199,9 @@ def test_early_stopping_stops_at_the_right_evaluation_and_resumes_with_its_state
     the second evaluation without improvement, with a committed checkpoint and exit 0; run again,
     it remembers the best value and the count (a fresh tracker would not stop at its first eval)."""
     run = tmp_path / "X"
-    args = ["peft=none", "optim.lr=0.05", "optim.warmup_steps=5", "train.max_steps=16", "eval.every_steps=2",
+    # One conversation per row (data.packing=false): the too-high learning rate was calibrated on
+    # those batches to make later evaluations worse; packed rows carry ~6x the data per step.
+    args = ["peft=none", "data.packing=false", "optim.lr=0.05", "optim.warmup_steps=5", "train.max_steps=16", "eval.every_steps=2",
             "eval.at_start=false", "eval.max_batches=3", "eval.early_stopping.patience=2", "eval.num_prompts=0",
             "checkpoint.every_steps=100", "checkpoint.keep_best=true"]
     p = train_ok(*args, run=run, cwd=tmp_path)
@@ -236,7 +238,9 @@ def test_keep_best_survives_retention_and_exports(tmp_path: Path) -> None:
     """keep_last=1 with keep_best: the best checkpoint (an early eval) stays while retention deletes
     every other older one; `ftcluster export RUN --best` writes it and transformers loads it."""
     run = tmp_path / "X"
-    args = ["peft=none", "optim.lr=0.05", "optim.warmup_steps=5", "train.max_steps=10", "eval.every_steps=2",
+    # One conversation per row (data.packing=false): the too-high learning rate was calibrated on
+    # those batches to make later evaluations worse; packed rows carry ~6x the data per step.
+    args = ["peft=none", "data.packing=false", "optim.lr=0.05", "optim.warmup_steps=5", "train.max_steps=10", "eval.every_steps=2",
             "eval.at_start=false", "eval.max_batches=3", "eval.num_prompts=0", "checkpoint.every_steps=2",
             "checkpoint.keep_last=1", "checkpoint.keep_best=true"]
     train_ok(*args, run=run, cwd=tmp_path)
