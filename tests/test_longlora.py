@@ -317,7 +317,10 @@ print(json.dumps({"same": plain == patched, "classes": classes}))
 @pytest.mark.slow
 def test_cli_longlora_trains_and_commits(tmp_path: Path) -> None:
     run = tmp_path / "ll"
-    p = run_cli("train", "peft=longlora", "data.max_seq_len=256", "train.max_steps=4", f"run.dir={run}", cwd=tmp_path)
+    # One conversation per row (data.packing=false): packed, the embedded samples (~41 tokens) are shorter
+    # than an S2 group and attend fully, so S2-Attn would not show in the loss (test_packing covers that).
+    p = run_cli("train", "peft=longlora", "data.packing=false", "data.max_seq_len=256", "train.max_steps=4",
+                f"run.dir={run}", cwd=tmp_path)
     assert p.returncode == 0, explain(p)
     got = losses(run)
     assert sorted(got) == [1, 2, 3, 4] and all(math.isfinite(v) for v in got.values())
@@ -328,7 +331,8 @@ def test_cli_longlora_trains_and_commits(tmp_path: Path) -> None:
     assert events(run, "start")[0]["trainable"] == expected
     # The same first step with full attention gives another loss: the CLI run really used S2-Attn.
     ref = tmp_path / "full"
-    p = run_cli("train", "peft=longlora", "model.attn_implementation=sdpa", "data.max_seq_len=256", "train.max_steps=1",
+    p = run_cli("train", "peft=longlora", "data.packing=false", "model.attn_implementation=sdpa", "data.max_seq_len=256",
+                "train.max_steps=1",
                 "checkpoint.enabled=false", f"run.dir={ref}", cwd=tmp_path)
     assert p.returncode == 0, explain(p)
     full = losses(ref)[1]
