@@ -66,7 +66,7 @@ class StepValues:
     """[step, loss, grad_norm] of the first non-finite step (float64, zeros while none): the error
     names that step, not the log point that noticed it."""
     stats: torch.Tensor | None = None
-    """The objective's own metric sums of the last step, summed over ranks (None for SFT)."""
+    """The objective's own metric sums of the last step on this rank (None for SFT)."""
 
 
 class Trainer:
@@ -137,9 +137,9 @@ class Trainer:
             loss_sum += loss.detach()
         grad_norm = engine.clip_grad_norm(job.train.grad_clip)
         global_loss = all_reduce_sum(loss_sum) / units
-        stats = self.objective.take_stats()  # DPO's rewards and log-probs (device sums); None for SFT
-        if stats is not None:
-            stats = all_reduce_sum(stats)
+        # DPO's rewards and log-probs: this rank's device sums of the step (None for SFT), summed over
+        # ranks only at log points (maybe_log), not with a collective in every step.
+        stats = self.objective.take_stats()
         bad = ~(torch.isfinite(global_loss) & torch.isfinite(grad_norm))  # identical on every rank
         lr = lr_at(step, cfg=job.optim, max_steps=job.train.max_steps)
         engine.step(lr=lr, skip=bad)
@@ -165,7 +165,7 @@ class Trainer:
         v = self.values
         scalars = torch.stack([v.loss.double(), v.grad_norm.double(), v.bad.double(), self.progress.tokens.to(dev),
                                stop_dev.double()])
-        values = torch.cat([scalars, v.stats]).tolist() if v.stats is not None else scalars.tolist()
+        values = torch.cat([scalars, all_reduce_sum(v.stats)]).tolist() if v.stats is not None else scalars.tolist()
         loss, gnorm, bad, tokens, stop = values[:5]
         if bad:
             self._check_finite(step)
