@@ -47,6 +47,8 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
 # A digit string (a quoted '2' in YAML, or a config saved when these fields were `str`) is
 # accepted by the validation too, so code reading these fields goes through `int(...)`.
 IntOrAuto = Union[int, str]
+BoolOrStr = Union[bool, str]
+"""A mode name, or a boolean as the old on/off switch (train.activation_checkpointing)."""
 AUTO = "auto"
 
 
@@ -156,14 +158,20 @@ class ModelConfig:
     """llama3: wavelengths above original / low_freq_factor are divided by the factor (Meta's 1)."""
     rope_high_freq_factor: float = 4.0
     """llama3: wavelengths below original / high_freq_factor are kept (Meta's 4)."""
-    liger: bool = False
+    liger: str = AUTO
     """Use Liger kernels (pip install liger-kernel; GPU only): RMSNorm, SwiGLU and RoPE Triton
-    kernels in the model, and a fused linear cross-entropy loss instead of the chunked one."""
+    kernels in the model, and a fused linear cross-entropy loss instead of the chunked one.
+    `auto` (default): on where liger-kernel is installed, the ranks run on CUDA and Liger has
+    kernels for the model type; `true` insists (a clear error otherwise); `false`: never."""
+    compile: bool = False
+    """torch.compile each decoder layer (after PEFT and checkpointing, before sharding): fuses the
+    LoRA update, dropout and elementwise ops. GPU only; the first steps pay the compile time."""
 
     def validate(self) -> None:
         """Value checks only; that `path`/`tokenizer` exist and the context check against a model
         directory's config.json are compose.py's `check_job_paths`."""
         _one_of(self.init, "model.init", MODEL_INITS)
+        tri_state(self.liger, "model.liger")
         self._validate_rope()
         if self.attn_implementation == S2_ATTN:
             _require(0.0 < self.s2_group_size_ratio <= 1.0, "model.s2_group_size_ratio",
@@ -768,20 +776,59 @@ LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "ray": RayLau
 """`launcher.kind` -> schema (ConfigStore `launcher_<kind>_schema`)."""
 
 TRAIN_DTYPES = ("bf16", "fp32")
+AC_MODES = ("none", "selective", "full", "offload")
+"""Activation checkpointing modes (train.activation_checkpointing), cheapest in memory last."""
+
+
+def ac_mode(value: Any, key: str = "train.activation_checkpointing") -> str:
+    """`auto` or one of AC_MODES; booleans (and their spellings) are the old on/off switch."""
+    spelled = {True: "full", False: "none", "true": "full", "false": "none"}
+    mode = spelled.get(value.lower() if isinstance(value, str) else value, value)
+    _require(mode == "auto" or mode in AC_MODES, key, f"must be auto, {', '.join(AC_MODES)} (or true/false); got {value!r}")
+    return mode
+
+
+def tri_state(value: Any, key: str) -> Optional[bool]:
+    """`auto` -> None, `true`/`false` -> the bool. A `str` field, not a Union: OmegaConf 2.3 fails
+    to expand a Union node inside a group-selected (MISSING) config such as `model`, so
+    `model.liger=true` arrives as the string 'True' and is read through this function."""
+    spelled = {"auto": None, "true": True, "false": False}
+    key_ = str(value).lower()
+    _require(key_ in spelled, key, f"must be auto, true or false; got {value!r}")
+    return spelled[key_]
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     max_steps: int = 100
     """Optimizer steps to train for (the run ends at this step)."""
-    micro_batch_size: int = 8
-    """Samples per rank per forward/backward."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
+    micro_batch_size: IntOrAuto = AUTO
+    """Samples (rows when packed) per rank per forward/backward, or `auto`: the largest that fits
+    the memory plan (ftcluster/plan.py) and divides the per-rank batch; on a CPU the whole per-rank
+    batch. An explicit value always wins."""
+    grad_accum: IntOrAuto = AUTO
+    """Micro-batches per optimizer step, or `auto`: global batch / (micro_batch_size x world size).
+    Global batch = micro_batch_size x grad_accum x world size."""
+    global_batch_size: Optional[int] = None
+    """Sequences (rows when packed) per optimizer step over all ranks. Unset: micro_batch_size x
+    grad_accum x world size when both are set, else 8 per rank."""
+    global_batch_tokens: Optional[int] = None
+    """The global batch in tokens instead: global_batch_size = this / data.max_seq_len (rounded
+    up). Set this or global_batch_size, not both."""
     grad_clip: float = 1.0
     """Max global gradient L2 norm; 0 disables clipping (the norm is still computed and logged)."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in backward instead of storing its activations."""
+    activation_checkpointing: BoolOrStr = AUTO
+    """What decoder layers keep for backward: `none` (everything: fastest, most memory),
+    `selective` (every `activation_checkpointing_every`-th layer recomputed), `full` (every layer
+    recomputed from its input), `offload` (full, and each layer's input moved to pinned host memory
+    on a side stream), or `auto` (default): the fastest that fits the plan and the GPU's free memory
+    (or train.memory_budget_gib); `none` on a CPU. `true`/`false` mean `full`/`none`."""
+    activation_checkpointing_every: Optional[int] = None
+    """`selective`: recompute every k-th decoder layer (k=1 is `full`). Unset: 2, or the plan's
+    choice under `auto`."""
+    memory_budget_gib: Optional[float] = None
+    """GPU memory (GiB per rank) the auto layout must fit; unset: the GPU's free memory at start.
+    Lets a 24 or 48 GB card be planned for (and tested on a bigger one)."""
     dtype: str = "bf16"
     """Compute dtype (`bf16` or `fp32`). Master weights and optimizer state stay fp32."""
     log_every: int = 1
@@ -793,8 +840,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1; got {self.max_steps}")
-        _require(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1; got {self.micro_batch_size}")
-        _require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1; got {self.grad_accum}")
+        _int_or_auto(self.micro_batch_size, "train.micro_batch_size")
+        _int_or_auto(self.grad_accum, "train.grad_accum")
+        for key in ("global_batch_size", "global_batch_tokens"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"train.{key}", f"must be >= 1; got {value}")
+        _require(self.global_batch_size is None or self.global_batch_tokens is None, "train.global_batch_tokens",
+                 "set it or train.global_batch_size, not both")
+        ac_mode(self.activation_checkpointing)
+        _require(self.activation_checkpointing_every is None or self.activation_checkpointing_every >= 1,
+                 "train.activation_checkpointing_every", f"must be >= 1; got {self.activation_checkpointing_every}")
+        _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "train.memory_budget_gib",
+                 f"must be > 0; got {self.memory_budget_gib}")
         _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
         _one_of(self.dtype, "train.dtype", TRAIN_DTYPES)
         _require(self.log_every >= 1, "train.log_every", f"must be >= 1; got {self.log_every}")

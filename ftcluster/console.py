@@ -264,7 +264,7 @@ def console_every(*, max_steps: int, log_every: int, level: str) -> int:
 def event_line(name: str, fields: dict[str, Any]) -> str | None:
     """One console line for an event (None: the event is shown elsewhere, e.g. the summary)."""
     step = fields.get("step")
-    if name in ("end", "start", "resume", "packing"):  # the summary / the start block show these
+    if name in ("end", "start", "resume", "packing", "layout"):  # the summary / the start block show these
         return None
     if name == "checkpoint":
         return f"checkpoint step {step} saved ({fields.get('seconds', 0):.2f} s)"
@@ -275,9 +275,11 @@ def event_line(name: str, fields: dict[str, Any]) -> str | None:
 def start_block(*, run_dir: Path, resumed_from: str | None, step: int, model: str, params: int, trainable: int,
                 peft: str, world_size: int, device: str, backend: str, global_batch: str, dtype: str,
                 data: str, samples: int, mean_len: float, max_seq_len: int, dropped: int, truncated: int,
-                eval_line: str, checkpoints: str, wandb: str, packing: dict[str, Any] | None = None) -> list[str]:
+                eval_line: str, checkpoints: str, wandb: str, packing: dict[str, Any] | None = None,
+                layout: str = "", layout_why: tuple[str, ...] = ()) -> list[str]:
     """The start block: what is being trained, where, on what, and where things are written.
-    `packing`: the packing event's fields (rows, fill, samples_per_row), None when unpacked."""
+    `packing`: the packing event's fields (rows, fill, samples_per_row), None when unpacked.
+    `layout`: the resolved speed/memory layout (ftcluster/layout.py) and why each auto choice was made."""
     fill = mean_len / max(max_seq_len, 1)
     rows = (f"one sample per row, right-padded ({fill:.0%} fill)" if packing is None else
             f"packed: {packing['rows']:,} rows of up to {max_seq_len} tokens, {packing['samples_per_row']:.2f} samples/row, "
@@ -288,6 +290,8 @@ def start_block(*, run_dir: Path, resumed_from: str | None, step: int, model: st
         f"  run dir     {run_dir}",
         f"  model       {model}: {params:,} parameters, {trainable:,} trainable ({peft})",
         f"  layout      {backend} on {world_size} {device} rank(s); global batch {global_batch}; {dtype}",
+        *([f"  memory      {layout}"] if layout else []),
+        *[f"              auto: {why}" for why in layout_why],
         f"  data        {samples:,} samples from {data}; mean {mean_len:.0f} of max_seq_len {max_seq_len} tokens, "
         f"{dropped} dropped, {truncated} truncated",
         f"  rows        {rows}",

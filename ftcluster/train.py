@@ -22,6 +22,7 @@ from ftcluster.console import console_every, start_block, wandb_location
 from ftcluster.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
 from ftcluster.evaluation.evaluator import EvalTracker, Evaluator
 from ftcluster.faults import Faults
+from ftcluster.layout import Layout, apply_layout, resolve_layout
 from ftcluster.longlora import attended_span
 from ftcluster.metrics import FlopsModel, MetricsLogger, ThroughputWindow, gather_host_rss, host_rss_gib, start_wandb
 from ftcluster.model import BuiltModule, build_module, materialize
@@ -84,6 +85,10 @@ class LoggerRun:
 def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests,
                   on_log: Callable[[dict], None] | None) -> Trainer:
     torch.manual_seed(job.seed)
+    asked = job  # the user's config (with `auto`), saved in checkpoints
+    layout = resolve_layout(job, world_size=d.world_size, nodes=_nodes(d), device_type=d.device_type,
+                            free_gib=_min_free_gib(d))
+    job = apply_layout(job, layout)  # a copy with the auto knobs filled in; everything below reads it
     t = job.train
     log.info("rank %d/%d on %s; global batch %d = %d x %d x %d", d.rank, d.world_size, d.device,
              t.micro_batch_size * t.grad_accum * d.world_size, t.micro_batch_size, t.grad_accum, d.world_size)
@@ -124,6 +129,7 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
         metrics.event("start", step=0, world_size=d.world_size, params=c.total, trainable=c.trainable,
                       samples=len(data), dropped=data.stats.dropped_overlength + data.stats.dropped_no_supervision,
                       packing=packing is not None, **host)
+    metrics.event("layout", step=progress.step, **{k: v for k, v in layout.event().items() if k != "event"})
     if packing is not None:  # at the start and at every resume: the rows this run trains on
         metrics.event("packing", step=progress.step, **packing)
     if hasattr(data, "mix_report"):
@@ -140,16 +146,16 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
         log.info("evaluation: %d held-out samples, %d batches per rank, %d prompts", len(eval_data),
                  evaluator.batches.num_batches, len(evaluator.prompts))
     _print_start(job, d, metrics, built=built, data=data, eval_data=eval_data, run_dir=run_dir, loaded=loaded,
-                 wandb_run=wandb_run, packing=packing)
+                 wandb_run=wandb_run, packing=packing, layout=layout)
     throughput = ThroughputWindow(flops=_flops_model(built), world_size=d.world_size, on_gpu=d.device_type == "cuda")
     return Trainer(job=job, dist=d, engine=engine, batches=batches, objective=objective, ckpt=ckpt, metrics=metrics,
                    throughput=throughput, progress=progress, stops=stops, faults=Faults(job.debug, rank=d.rank, run_dir=run_dir),
-                   saved_state=state, config_yaml=resolved_config_yaml(job), rss_before_load=rss_before_load,
+                   saved_state=state, config_yaml=resolved_config_yaml(asked), rss_before_load=rss_before_load,
                    on_log=on_log, evaluator=evaluator, tracker=tracker)
 
 
 def _print_start(job: JobConfig, d: Dist, metrics: MetricsLogger, *, built: BuiltModule, data: Any, eval_data: Any,
-                 run_dir: Path, loaded: Loaded | None, wandb_run: Any, packing: dict | None) -> None:
+                 run_dir: Path, loaded: Loaded | None, wandb_run: Any, packing: dict | None, layout: Layout) -> None:
     """Rank 0: the console's start block (ftcluster.console.start_block)."""
     if not d.is_main:
         return
@@ -172,9 +178,25 @@ def _print_start(job: JobConfig, d: Dist, metrics: MetricsLogger, *, built: Buil
         data=job.data.path or job.data.format, samples=len(data), mean_len=st.tokens / max(st.kept, 1),
         max_seq_len=job.data.max_seq_len, dropped=st.dropped_overlength + st.dropped_no_supervision,
         truncated=st.truncated, eval_line=eval_line, checkpoints=checkpoints,
-        wandb=wandb_location(kind=job.logger.kind, mode=job.logger.mode, run=wandb_run), packing=packing)
+        wandb=wandb_location(kind=job.logger.kind, mode=job.logger.mode, run=wandb_run), packing=packing,
+        layout=layout.describe(), layout_why=layout.why)
     for line in lines:
         metrics.print(line)
+
+
+def _nodes(d: Dist) -> int:
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    return max(1, d.world_size // max(per_node, 1))
+
+
+def _min_free_gib(d: Dist) -> float | None:
+    """The smallest free GPU memory over the ranks (one all-reduce), so every rank plans alike."""
+    if d.device_type != "cuda":
+        return None
+    free = torch.tensor(float(torch.cuda.mem_get_info(d.device)[0]), device=d.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+    return float(free.item()) / 2**30
 
 
 def _build_data(job: JobConfig, d: Dist, run_dir: Path):  # type: ignore[no-untyped-def]

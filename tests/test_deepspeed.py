@@ -177,12 +177,13 @@ def test_overrides_validated_by_deepspeed_naming_the_key(override: str, key: str
 
 
 def test_generated_config_and_accepted_override() -> None:
+    from ftcluster.layout import concrete
     from ftcluster.parallel.deepspeed import build_ds_config
 
     j = _job("parallel=zero3_offload", "train.grad_accum=4", "train.grad_clip=0.5",
              "+parallel.deepspeed_overrides.zero_optimization.sub_group_size=100000000")
     assert j.parallel.backend == "zero3" and j.parallel.cpu_offload
-    c = build_ds_config(j)
+    c = build_ds_config(concrete(j))  # train.micro_batch_size=auto resolved as on a CPU: 8 per micro-batch
     z = c["zero_optimization"]
     assert (c["gradient_accumulation_steps"], c["gradient_clipping"], c["train_micro_batch_size_per_gpu"]) == (4, 0.5, 8)
     assert c["bf16"]["enabled"] and c["communication_data_type"] == "fp32" and c["data_types"]["grad_accum_dtype"] == "fp32"

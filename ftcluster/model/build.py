@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ftcluster.attention import register_s2_attention
-from ftcluster.config import JobConfig, ModelConfig
+from ftcluster.config import JobConfig, ModelConfig, ac_mode, tri_state
 from ftcluster.data.batch import Batch
 from ftcluster.longlora import S2_ATTN, apply_s2_group_size, apply_trainable_modules
 from ftcluster.model.packed import packed_attn_implementation, packed_hidden
@@ -53,7 +53,7 @@ def build_meta_model(cfg: ModelConfig, hf_config, *, packed: bool = False) -> nn
     attn = packed_attn_implementation(cfg.attn_implementation) if packed else cfg.attn_implementation
     if cfg.attn_implementation == S2_ATTN:
         register_s2_attention(S2_ATTN)
-    if cfg.liger:
+    if tri_state(cfg.liger, "model.liger"):  # `auto` is resolved before training (ftcluster/layout.py): off here
         from ftcluster.liger import apply_liger_kernels
 
         apply_liger_kernels(hf_config)
@@ -181,7 +181,7 @@ def build_module(job: JobConfig, *, objective: Objective | None = None, packed: 
         module = TrainModule(model=hf_model, hf_model=hf_model, objective=objective or build_objective(job))
         return BuiltModule(module=module, hf_model=hf_model, layers=layers, counts=count_params(module))
     trained = apply_peft(hf_model, job, layers=layers)
-    if job.train.activation_checkpointing:
+    if ac_mode(job.train.activation_checkpointing) not in ("auto", "none"):  # auto: resolved by layout.py before training
         # Per decoder layer, before sharding; non-reentrant so frozen inputs need no grad hack.
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = TrainModule(model=trained, hf_model=hf_model, objective=objective or build_objective(job))

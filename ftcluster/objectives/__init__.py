@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from ftcluster.config import JobConfig
+from ftcluster.config import JobConfig, tri_state
 from ftcluster.data.batch import Batch
 
 
@@ -47,4 +47,4 @@ def build_objective(job: JobConfig) -> Objective:
         return DPO(cfg=job.objective, peft_method=job.peft.method, chunk_size=job.train.loss_chunk_size)
     from ftcluster.objectives.sft import SFT
 
-    return SFT(chunk_size=job.train.loss_chunk_size, fused_linear_ce=job.model.liger)
+    return SFT(chunk_size=job.train.loss_chunk_size, fused_linear_ce=bool(tri_state(job.model.liger, "model.liger")))

@@ -112,7 +112,12 @@ its `ShardView` (which part of each parameter this rank holds), so model code kn
 def parallelize(module: nn.Module, *, layers: list[nn.Module], job: JobConfig, dist: Dist,
                 materialize: Materialize) -> Engine:
     """Shard `module` (decoder `layers` are the sharding unit), fill its local shards, build the
-    optimizer. The module arrives with PEFT and activation checkpointing applied."""
+    optimizer. The module arrives with PEFT and activation checkpointing applied. A job whose
+    batch sizes are still `auto` (built outside train(): tests, tools) gets layout.py's CPU
+    resolution; train() passes the resolved job."""
+    from ftcluster.layout import concrete, has_auto
+
+    job = concrete(job) if has_auto(job) else job
     engine_cls = backend_for(job.parallel.backend).Engine
     return engine_cls(module, layers=layers, job=job, dist=dist, materialize=materialize)
 

@@ -219,7 +219,9 @@ def check_deepspeed_config(job: JobConfig) -> None:
     for path in _leaf_paths(overrides):
         if path in OWNED_KEYS:
             raise ConfigError(f"{root}.{path}: set by ftcluster from {OWNED_KEYS[path]}; use that instead")
-    cfg = build_ds_config(job)
+    from ftcluster.layout import concrete
+
+    cfg = build_ds_config(concrete(job))  # the driver checks the overrides; `auto` batch sizes are 8 x 1 here
     with _quiet_deepspeed():
         from deepspeed.runtime.config import DeepSpeedConfig
 
