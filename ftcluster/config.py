@@ -1036,6 +1036,10 @@ class DebugConfig:
     kill_in_save_at_step: int = 0
     """Test hook: SIGKILL the job while saving this step's checkpoint, after every rank wrote its
     shards and before the commit (0 = off)."""
+    sync_check: bool = False
+    """Check (GPU): run every training step after the first two under
+    `torch.cuda.set_sync_debug_mode("error")`, so any host sync inside a step raises and names the
+    operation. Log, eval and save points sync by design and run outside the check."""
 
     def validate(self) -> None:
         _require(self.fail_at_step >= 0, "debug.fail_at_step", "must be >= 0")

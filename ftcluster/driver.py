@@ -20,9 +20,62 @@ def check_environment(job: JobConfig) -> None:
     from ftcluster.launch import check
 
     check(job)
+    check_layout(job)
     check_data_head(job)
     check_tokenizer(job)
     check_peft_targets(job)
+
+
+def check_layout(job: JobConfig) -> None:
+    """The layout (ftcluster/layout.py) is resolved here as the ranks will resolve it, wherever the
+    driver knows the ranks' world size and device: a batch that does not split over the ranks, or a
+    plan that fits no GPU memory (train.memory_budget_gib, or the local GPUs' free memory), fails
+    now, naming the key and saying what would fit, instead of after the model is built. Where it is
+    not known here (a Ray cluster's workers), the ranks plan at start with their own free memory."""
+    from ftcluster.layout import resolve_layout
+
+    where = _rank_devices(job)
+    if where is None:
+        return
+    world, nodes, on_gpu = where
+    budget = job.train.memory_budget_gib if job.train.memory_budget_gib is not None else (
+        _local_free_gib() if on_gpu and job.launcher.kind == "local" else None)
+    if on_gpu and budget is None:
+        return  # slurm without a budget: the GPUs are on the compute nodes; they plan at start
+    resolve_layout(job, world_size=world, nodes=nodes, device_type="cuda" if on_gpu else "cpu", free_gib=budget)
+
+
+def _rank_devices(job: JobConfig) -> tuple[int, int, bool] | None:
+    """(world size, nodes, ranks on GPUs) as the launcher will start them; None where unknown."""
+    from ftcluster.launch import hosts
+
+    launcher = job.launcher
+    if launcher.kind == "local":
+        return hosts.local_world_size(launcher), 1, hosts.visible_gpus() > 0
+    if launcher.kind == "slurm":
+        per_node = launcher.gpus_per_node or 1
+        return launcher.nodes * per_node, launcher.nodes, launcher.gpus_per_node > 0
+    return None
+
+
+def _local_free_gib() -> float | None:
+    """The smallest free memory over this host's visible GPUs, from nvidia-smi (asking torch would
+    create a CUDA context in the driver, which holds GPU memory for the whole run)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    keep = None if not visible else {v.strip() for v in visible.split(",")}
+    free = [float(mib) / 1024 for idx, mib in (line.split(",") for line in out.strip().splitlines())
+            if keep is None or idx.strip() in keep]
+    return min(free) if free else None
 
 
 HEAD_ROWS = 5

@@ -10,10 +10,11 @@ non-finite flag is also read before each checkpoint (a bad step must never be sa
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -84,6 +85,7 @@ class Trainer:
         self.config_yaml = config_yaml
         self.rss_before_load = rss_before_load  # GiB, for the end record's host-memory figures
         self.evaluator, self.tracker = evaluator, tracker  # None without held-out data
+        self._first_step = progress.step  # 0, or the step this segment resumed at
         self.values = StepValues(loss=self._zero(), grad_norm=self._zero(), lr=0.0,
                                  bad=torch.zeros((), dtype=torch.bool, device=dist.device),
                                  first_bad=torch.zeros(3, dtype=torch.float64, device=dist.device))
@@ -101,7 +103,8 @@ class Trainer:
             self.maybe_eval(self.progress.step, last=True)
         while self.progress.step < max_steps:
             step = self.progress.step + 1
-            self.train_step(step)
+            with self._sync_check(step):
+                self.train_step(step)
             self.faults.after_step(step)
             last = step == max_steps
             stop = self.maybe_log(step, last=last)
@@ -114,6 +117,21 @@ class Trainer:
                     self.save(step)  # an agreed stop request: checkpoint unless this step just did
                 return self.stop(stop, requested=not verdict.early_stop)
         return self.finish()
+
+    @contextlib.contextmanager
+    def _sync_check(self, step: int) -> Iterator[None]:
+        """debug.sync_check: a host sync inside this step raises (CUDA only). The first two steps of
+        a segment create optimizer state and warm caches and run unchecked; the log, eval and save
+        points (which sync by design) run after the step, outside this block."""
+        on = (self.job.debug.sync_check and self.d.device_type == "cuda" and step > self._first_step + 2)
+        if not on:
+            yield
+            return
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
     # --- one optimizer step ---------------------------------------------------------------------
 
