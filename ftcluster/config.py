@@ -1040,6 +1040,9 @@ class DebugConfig:
     """Check (GPU): run every training step after the first two under
     `torch.cuda.set_sync_debug_mode("error")`, so any host sync inside a step raises and names the
     operation. Log, eval and save points sync by design and run outside the check."""
+    sync_at_step: int = 0
+    """Test hook: read the loss on the host inside this step (a deliberate sync that
+    debug.sync_check must catch; 0 = off)."""
 
     def validate(self) -> None:
         _require(self.fail_at_step >= 0, "debug.fail_at_step", "must be >= 0")

@@ -33,6 +33,8 @@ class Faults:
         """debug.nan_at_step: rank `nan_rank` makes its loss non-finite at that step."""
         if self.cfg.nan_at_step == step and self.rank == self.cfg.nan_rank:
             return loss * float("nan")
+        if self.cfg.sync_at_step == step:
+            float(loss)  # debug.sync_at_step: a deliberate host sync, which debug.sync_check must catch
         return loss
 
     def after_step(self, step: int) -> None:
