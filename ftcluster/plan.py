@@ -219,7 +219,7 @@ def layer_activation_bytes(job: JobConfig, *, shape: Shape, tokens: int, seq_len
       q/k/v        the normed input (c h), saved once by the three base linears; LoRA on a target:
                    the dropout copy (c x in) and its mask (1 byte x in) if peft.dropout > 0, and A's
                    output (c r), saved by B.
-      RoPE         saves cos/sin only (they need no grad), not q/k.
+      RoPE         saves cos/sin only (they need no grad; T x head_dim each, in c), not q/k.
       attention    flash/SDPA (memory-efficient kernels): q, k, v after RoPE (c (h + 2 kv)), the
                    output (c h) and the logsumexp (4 x heads). `eager` adds the T x T probabilities
                    per head (c, plus the dropout-free softmax output saved again by matmul) -- on CPU
@@ -262,6 +262,7 @@ def layer_activation_bytes(job: JobConfig, *, shape: Shape, tokens: int, seq_len
     if job.model.attn_implementation == "s2_attn":
         # S2-Attn shifts half the heads and regroups q/k/v: one more copy of q, k, v is saved.
         out["attention"] += T * c * (q + 2 * kv)
+    out["rope"] = 0 if liger else 2 * T * c * shape.head_dim  # Liger's RoPE kernel saves cos/sin once per model
     out["o_lora"] = lora("o_proj", q)
     out["post_norm"] = norm()
     out["mlp_input"] = T * c * h
