@@ -309,7 +309,7 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
     n_train_logical = _sum(trainable, lambda p: p.logical)
     gathered_layer = _sum(table.layer, lambda p: _numel(p.shape) * (c if p.trainable else p.bytes_per_elt))
     gathered_root = _sum(table.root, lambda p: _numel(p.shape) * (c if p.trainable else p.bytes_per_elt))
-    host = 0
+    host = 0  # per rank; times the ranks of a node at the end
     if backend == "fsdp2":
         local = lambda p: fsdp_local_numel(p.shape, ws)  # noqa: E731
         frozen_b = _sum(frozen, lambda p: local(p) * p.bytes_per_elt)
@@ -366,7 +366,7 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
         acts = n_ck * ckpt_in + (L - n_ck) * layer_b + (layer_b if n_ck else 0)
     else:  # offload: inputs on pinned host memory; two in flight on the GPU (copy out / copy back)
         acts = 2 * ckpt_in + layer_b
-        host += L * ckpt_in * nodes_ranks(ws, nodes)
+        host += L * ckpt_in
     acts += bwd + T * c * shape.hidden  # + the final norm's output / the head's input
     logits = _loss_bytes(job, shape=shape, tokens=T, liger=liger)
     gpu = frozen_b + train_b + grads_b + optim_b + acts + logits + comm
@@ -374,7 +374,9 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
     # Host: the sharded load reads safetensors slices one tensor at a time (model/weights.py): at most
     # one whole tensor per rank in flight (the embedding is the largest), in the compute dtype.
     biggest = max(_numel(p.shape) * c for p in all_params)
-    host += biggest * nodes_ranks(ws, nodes)
+    host += biggest
+    # Pinned host memory per node: every rank of the node offloads its own share.
+    host *= nodes_ranks(ws, nodes)
     detail = {
         "world_size": ws, "nodes": nodes, "backend": backend, "cpu_offload": offload,
         "params_total": _sum(all_params, lambda p: p.logical), "params_trainable": n_train_logical,

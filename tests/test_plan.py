@@ -1,0 +1,221 @@
+"""The memory planner (ftcluster/plan.py) and `ftcluster plan`: parameter/shard bytes against a real
+FSDP2 build at world size 64 under torch's fake process group, activation bytes against autograd's
+saved tensors of a real decoder layer, the layout choice, and the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from ftcluster.config import ConfigError
+from ftcluster.plan import GIB, PlanError, choose_layout, layer_activation_bytes, model_shape, plan_memory
+from tests.conftest import REPO, cli_env, compose_job, run_cli
+
+# Awkward dims: nothing divides by 64 (hidden 200, intermediate 333, vocab 1001, 5 heads of 40).
+SMALL = ("model=llama32_1b", "data=synthetic", "data.max_seq_len=64", "model.hidden_size=200",
+         "model.intermediate_size=333", "model.num_layers=4", "model.num_heads=5", "model.num_kv_heads=1",
+         "model.vocab_size=1001", "model.tie_word_embeddings=false")
+
+FSDP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch, torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from ftcluster.compose import compose_job
+    from ftcluster.layout import concrete
+    from ftcluster.model import build_module
+    rank, overrides = int(sys.argv[1]), sys.argv[2:]
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=64)
+    built = build_module(concrete(compose_job(*overrides)))
+    module = built.module
+    for p in module.parameters():  # as parallel/fsdp.py's Engine: frozen weights in the compute dtype
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    mesh = init_device_mesh("cpu", (64,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in built.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(module, mesh=mesh, mp_policy=mp)
+    out = {"frozen": 0, "trainable": 0, "trainable_numel": 0, "dtypes": []}
+    for p in module.parameters():
+        local = p.to_local()
+        b = local.numel() * local.element_size()
+        out["trainable" if p.requires_grad else "frozen"] += b
+        out["trainable_numel"] += local.numel() if p.requires_grad else 0
+        out["dtypes"].append(str(local.dtype) + ("/train" if p.requires_grad else "/frozen"))
+    out["dtypes"] = sorted(set(out["dtypes"]))
+    print("RESULT", json.dumps(out))
+""")
+
+
+def _fsdp_local(overrides: tuple[str, ...], rank: int) -> dict:
+    p = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(rank), *overrides], cwd=REPO, env=cli_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_fsdp2_param_and_optimizer_bytes_match_a_real_fully_shard_at_world_64(peft: str) -> None:
+    """The plan's frozen/trainable/optimizer bytes are the padded shard sizes FSDP2 really allocates
+    (fake process group, 64 ranks, meta device), the maximum over ranks (rank 0 holds the padded
+    ceil rows; rank 63 holds fewer real rows of the odd dims, so they differ)."""
+    overrides = (*SMALL, f"peft={peft}")
+    r0, r63 = _fsdp_local(overrides, 0), _fsdp_local(overrides, 63)
+    plan = plan_memory(compose_job(*overrides), world_size=64, micro_batch_size=1, activation_checkpointing="none",
+                       activation_checkpointing_every=1, liger=False)
+    # FSDP2 pads every shard to ceil(dim0 / 64) rows; rank 63's real rows are fewer, its storage is not.
+    assert plan.frozen_weights == max(r0["frozen"], r63["frozen"])
+    assert plan.trainable_weights == max(r0["trainable"], r63["trainable"])
+    assert plan.optimizer == 2 * 4 * r0["trainable_numel"]  # AdamW: two fp32 moments per local element
+    assert plan.grads == plan.trainable_weights  # fp32 sharded gradients
+    assert "torch.float32/train" in r0["dtypes"]
+    if peft == "lora":
+        assert "torch.bfloat16/frozen" in r0["dtypes"] and plan.frozen_weights > 0
+    else:
+        assert plan.frozen_weights == 0 and r0["frozen"] == 0
+
+
+def test_zero3_partition_bytes_are_an_even_split_of_the_flat_groups() -> None:
+    """ZeRO-3 partitions flat groups evenly (DeepSpeed pads the flat buffer to a multiple of the
+    world size): per rank ceil(N / world) elements of fp32 master, 2 fp32 moments, fp32 gradient."""
+    job = compose_job(*SMALL, "peft=none", "parallel=zero3")
+    one = plan_memory(job, world_size=1, micro_batch_size=1, activation_checkpointing="none",
+                      activation_checkpointing_every=1, liger=False)
+    n = one.detail["params_trainable"]
+    p7 = plan_memory(job, world_size=7, micro_batch_size=1, activation_checkpointing="none",
+                     activation_checkpointing_every=1, liger=False)
+    part = -(-n // 7)
+    assert p7.optimizer == 8 * part and p7.grads == 4 * part
+    assert p7.trainable_weights == 2 * part + 4 * part  # bf16 partition + fp32 master
+    off = plan_memory(compose_job(*SMALL, "peft=none", "parallel=zero3_offload"), world_size=7, micro_batch_size=1,
+                      activation_checkpointing="none", activation_checkpointing_every=1, liger=False)
+    assert off.optimizer == off.grads == off.trainable_weights == 0
+    assert off.host_bytes >= 7 * (8 + 4 + 4 + 2) * part  # per node: seven ranks' states
+
+
+def test_layer_activation_bytes_match_autograd_saved_tensors_of_a_real_layer() -> None:
+    """Sum of unique storages autograd saves in one LoRA decoder layer (bf16, CPU, sdpa) equals the
+    derivation. CPU sdpa dispatches to its flash kernel for causal attention without a mask and saves
+    q, k, v, output and logsumexp as the GPU's flash kernel does (the math path would save T x T)."""
+    job = compose_job(*SMALL, "peft=lora", "model.num_layers=1")
+    from ftcluster.layout import concrete
+    from ftcluster.model import build_module
+
+    built = build_module(concrete(job))
+    built.module.to_empty(device="cpu")
+    for p in built.module.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    built.module.to(torch.bfloat16)
+    rows, seq = 2, 64
+    x = torch.randn(rows, seq, 200, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(seq)[None].expand(rows, -1)
+    rot = tuple(t.detach() for t in built.hf_model.get_decoder().rotary_emb(x, pos))
+    params = {p.untyped_storage().data_ptr() for p in built.module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        built.layers[0](x, attention_mask=None, position_ids=pos, position_embeddings=rot)
+    predicted = layer_activation_bytes(job, shape=model_shape(job), tokens=rows * seq, seq_len=seq, liger=False)
+    assert sum(saved.values()) == pytest.approx(sum(predicted.values()), rel=0.01)
+    # And the count scales with tokens: a broken model that ignored the micro-batch would not.
+    double = layer_activation_bytes(job, shape=model_shape(job), tokens=2 * rows * seq, seq_len=seq, liger=False)
+    assert sum(double.values()) == 2 * sum(predicted.values())
+
+
+def test_plan_matches_the_h200_calibration_runs() -> None:
+    """The three 8B LoRA measurements of issue 18 / bench/RESULTS.md (max_memory_allocated, world 1)."""
+    job = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096")
+    for mb, ac, liger, measured in ((1, "full", False, 24.41), (4, "none", True, 86.9), (2, "none", True, 52.4)):
+        p = plan_memory(job, world_size=1, micro_batch_size=mb, activation_checkpointing=ac,
+                        activation_checkpointing_every=1, liger=liger)
+        assert p.detail["allocated"] / GIB == pytest.approx(measured, rel=0.05), (mb, ac, liger)
+        assert p.total > p.detail["allocated"]  # reserved >= allocated
+
+
+def _choose(job, budget: float, **fixed):  # type: ignore[no-untyped-def]
+    kw = {"micro_batch_size": None, "activation_checkpointing": None, "activation_checkpointing_every": None, **fixed}
+    return choose_layout(job, world_size=1, nodes=1, budget_gib=budget, liger=True, per_rank_batch=4, **kw)
+
+
+def test_choose_layout_falls_back_monotonically_as_the_budget_shrinks() -> None:
+    job = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096")
+    ample = _choose(job, 141.0)
+    assert (ample.micro_batch_size, ample.activation_checkpointing) == (4, "none")
+    assert ample.predicted_peak_gib <= 141.0 * 0.95 and "none" in ample.why[0]
+    order = {"none": 0, "selective": 1, "full": 2, "offload": 3}
+    prev, seen = (-1, 0), set()
+    for budget in (141.0, 100.0, 70.0, 48.0, 32.0, 26.0, 24.0):
+        c = _choose(job, budget)
+        assert c.predicted_peak_gib <= budget * 0.95
+        # Memory saved only by recomputing more (or a smaller micro-batch), never the other way.
+        rank = (order[c.activation_checkpointing], 1 / c.activation_checkpointing_every, -c.micro_batch_size)
+        assert rank >= prev or order[c.activation_checkpointing] > prev[0], (budget, c)
+        prev, seen = rank, seen | {c.activation_checkpointing}
+    assert {"none", "full"} <= seen or {"none", "offload"} <= seen
+    assert len(seen) >= 3, seen
+
+
+def test_choose_layout_explicit_values_win_and_are_checked() -> None:
+    job = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096")
+    c = _choose(job, 141.0, micro_batch_size=1, activation_checkpointing="full")
+    assert (c.micro_batch_size, c.activation_checkpointing) == (1, "full")
+    c = _choose(job, 141.0, activation_checkpointing="selective", activation_checkpointing_every=3)
+    assert (c.activation_checkpointing, c.activation_checkpointing_every) == ("selective", 3)
+    with pytest.raises(PlanError) as e:
+        _choose(job, 60.0, micro_batch_size=4, activation_checkpointing="none")
+    assert str(e.value).startswith("train.micro_batch_size: ")
+
+
+def test_impossible_budget_raises_plan_error_naming_the_key_and_what_would_fit() -> None:
+    job = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096")
+    with pytest.raises(PlanError) as e:
+        _choose(job, 12.0)
+    msg = str(e.value)
+    assert isinstance(e.value, ConfigError)
+    assert msg.startswith("train.memory_budget_gib: nothing fits in 12.0 GiB")
+    assert "more GPUs" in msg and "peft=qlora" in msg and "GiB" in msg
+
+
+def test_cli_405b_qlora_node_grid_runs_in_seconds_and_prints_a_row_per_combination() -> None:
+    t = time.monotonic()
+    p = run_cli("plan", "model=llama3_405b", "peft=qlora", "data=synthetic", "--nodes", "1,2,4,8,16,32,64",
+                "--gpu-gib", "80,141", cwd=REPO, timeout=120)
+    took = time.monotonic() - t
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [ln for ln in p.stdout.splitlines() if ln.split() and ln.split()[0].isdigit()]
+    assert len(rows) == 14
+    assert {(int(r.split()[0]), int(r.split()[2])) for r in rows} == {(n, g) for n in (1, 2, 4, 8, 16, 32, 64) for g in (80, 141)}
+    assert {int(r.split()[1]) for r in rows} == {8 * n for n in (1, 2, 4, 8, 16, 32, 64)}
+    assert took < 60  # imports and one meta build of one 405B decoder layer; the rest is arithmetic
+
+
+def test_cli_json_plans_the_explicit_layout_exactly() -> None:
+    p = run_cli("plan", *SMALL, "peft=lora", "train.micro_batch_size=2", "train.activation_checkpointing=full",
+                "model.liger=false", "--world-size", "4", "--gpu-gib", "80", "--json", cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    d = json.loads(p.stdout)
+    assert (d["world_size"], d["micro_batch_size"], d["activation_checkpointing"], d["liger"]) == (4, 2, "full", False)
+    assert d["total_gib"] == pytest.approx(sum(d["components"].values()), abs=0.01)
+    direct = plan_memory(compose_job(*SMALL, "peft=lora"), world_size=4, micro_batch_size=2,
+                         activation_checkpointing="full", activation_checkpointing_every=1, liger=False)
+    assert d["total_gib"] == pytest.approx(direct.total / GIB, abs=1e-3)
+
+
+def test_cli_bad_override_exits_2_naming_the_key() -> None:
+    p = run_cli("plan", "data=synthetic", "train.activation_checkpointing=sometimes", cwd=REPO, timeout=120)
+    assert p.returncode == 2
+    assert "train.activation_checkpointing" in p.stderr
