@@ -328,19 +328,26 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
             frozen_b = train_b = grads_b = optim_b = 0
     else:
         stage = int(backend[-1])
-        part = lambda n: math.ceil(n / ws)  # noqa: E731  DeepSpeed partitions the flat fp32 group evenly
-        optim_b = 8 * part(n_train)
-        master = 4 * part(n_train)
         if stage == 3:
-            frozen_b = _sum(frozen, lambda p: part(_numel(p.shape)) * p.bytes_per_elt)
-            train16 = 2 * part(n_train)  # the bf16 partition of trainable params
-            grads_b = 4 * part(n_train)  # fp32 accumulation of the partition (grad_accum_dtype)
-            comm = 2 * gathered_layer + gathered_root  # per-layer gathers (stage3_gather_per_layer)
+            # ZeRO-3 partitions every parameter on its own: ceil(numel / world) elements per rank
+            # (ds_tensor), the fp32 master / moments / gradient partitions the same elements.
+            part_train = _sum(trainable, lambda p: math.ceil(_numel(p.shape) / ws))
+            frozen_b = _sum(frozen, lambda p: math.ceil(_numel(p.shape) / ws) * p.bytes_per_elt)
+            train16 = c * part_train
+            grads_b = 4 * part_train  # fp32 accumulation of the partition (data_types.grad_accum_dtype)
+            # Per-layer gathers (stage3_gather_per_layer) of the current and the prefetched layer;
+            # parameters under stage3_param_persistence_threshold stay gathered all step.
+            small = [p for p in all_params if _numel(p.shape) < job.parallel.stage3_param_persistence_threshold]
+            comm = 2 * gathered_layer + gathered_root + _sum(small, lambda p: _numel(p.shape) * c)
         else:
-            frozen_b = _sum(frozen, lambda p: _numel(p.shape) * p.bytes_per_elt)  # replicated
-            train16 = 2 * n_train  # every rank runs forward with the whole bf16 copy
-            grads_b = 4 * (n_train if stage == 1 else part(n_train))
+            # ZeRO-1/2: the flat fp32 group is split evenly; the bf16 module stays whole on every rank.
+            part_train = math.ceil(n_train / ws)
+            frozen_b = _sum(frozen, lambda p: _numel(p.shape) * p.bytes_per_elt)
+            train16 = c * n_train
+            grads_b = 4 * (n_train if stage == 1 else part_train)
             comm = 0
+        optim_b = 8 * part_train
+        master = 4 * part_train
         # Gradient buckets in flight (overlap_comm: two), bf16 gradients of a bucket.
         comm += 2 * min(job.parallel.reduce_bucket_size, n_train) * c
         train_b = train16 + master

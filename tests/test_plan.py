@@ -4,6 +4,7 @@ saved tensors of a real decoder layer, the layout choice, and the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -83,22 +84,61 @@ def test_fsdp2_param_and_optimizer_bytes_match_a_real_fully_shard_at_world_64(pe
         assert plan.frozen_weights == 0 and r0["frozen"] == 0
 
 
-def test_zero3_partition_bytes_are_an_even_split_of_the_flat_groups() -> None:
-    """ZeRO-3 partitions flat groups evenly (DeepSpeed pads the flat buffer to a multiple of the
-    world size): per rank ceil(N / world) elements of fp32 master, 2 fp32 moments, fp32 gradient."""
-    job = compose_job(*SMALL, "peft=none", "parallel=zero3")
-    one = plan_memory(job, world_size=1, micro_batch_size=1, activation_checkpointing="none",
+ZERO3_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from ftcluster.compose import compose_job
+    from ftcluster.distributed import init_distributed
+    from ftcluster.layout import concrete
+    from ftcluster.model import build_module
+    from ftcluster.model.weights import materialize
+    from ftcluster.parallel import parallelize
+    d = init_distributed()
+    job = concrete(compose_job(*sys.argv[1:]))
+    built = build_module(job)
+    fill = lambda m, dev, sv: materialize(m, cfg=job.model, seed=0, device=dev, shard_view=sv)
+    engine = parallelize(built.module, layers=built.layers, job=job, dist=d, materialize=fill)
+    out = {"train16": 0, "frozen": 0}
+    for p in built.module.parameters():  # ZeRO-3's own partition of each parameter on this rank
+        out["train16" if p.requires_grad else "frozen"] += p.ds_tensor.numel() * p.ds_tensor.element_size()
+    out["fp32_numel"] = sum(t.numel() for t in engine.ds.optimizer.fp32_partitioned_groups_flat)
+    print("RESULT", json.dumps(out), flush=True)
+""")
+
+
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_zero3_partition_bytes_match_our_deepspeed_engine_on_two_gloo_ranks(peft: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real 2-rank ZeRO-3 engine (ours, DeepSpeed on CPU over gloo) on the awkward small shape:
+    its bf16 partitions (ds_tensor) and fp32 master partition are the plan's figures; the plan's
+    optimizer is two fp32 moments and its gradient one fp32 element per master element."""
+    overrides = (*SMALL, f"peft={peft}", "parallel=zero3")
+    procs = [subprocess.Popen([sys.executable, "-c", ZERO3_SCRIPT, *overrides], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=cli_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=str(29400 + os.getpid() % 500)))
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    got = [json.loads([ln for ln in o.splitlines() if ln.startswith("RESULT ")][-1][7:]) for o in outs]
+    plan = plan_memory(compose_job(*overrides), world_size=2, micro_batch_size=1, activation_checkpointing="none",
+                       activation_checkpointing_every=1, liger=False)
+    master = max(g["fp32_numel"] for g in got)
+    assert plan.frozen_weights == max(g["frozen"] for g in got)
+    assert plan.trainable_weights == max(g["train16"] for g in got) + 4 * master  # bf16 partition + fp32 master
+    assert plan.optimizer == 8 * master and plan.grads == 4 * master
+    one = plan_memory(compose_job(*overrides), world_size=1, micro_batch_size=1, activation_checkpointing="none",
                       activation_checkpointing_every=1, liger=False)
-    n = one.detail["params_trainable"]
-    p7 = plan_memory(job, world_size=7, micro_batch_size=1, activation_checkpointing="none",
-                     activation_checkpointing_every=1, liger=False)
-    part = -(-n // 7)
-    assert p7.optimizer == 8 * part and p7.grads == 4 * part
-    assert p7.trainable_weights == 2 * part + 4 * part  # bf16 partition + fp32 master
-    off = plan_memory(compose_job(*SMALL, "peft=none", "parallel=zero3_offload"), world_size=7, micro_batch_size=1,
-                      activation_checkpointing="none", activation_checkpointing_every=1, liger=False)
-    assert off.optimizer == off.grads == off.trainable_weights == 0
-    assert off.host_bytes >= 7 * (8 + 4 + 4 + 2) * part  # per node: seven ranks' states
+    assert plan.optimizer < one.optimizer  # partitioned, not replicated
+
+
+def test_zero_offload_moves_optimizer_state_to_the_host_of_each_rank() -> None:
+    job = compose_job(*SMALL, "peft=none", "parallel=zero3_offload")
+    off = plan_memory(job, world_size=16, nodes=2, micro_batch_size=1, activation_checkpointing="none",
+                      activation_checkpointing_every=1, liger=False)
+    on = plan_memory(compose_job(*SMALL, "peft=none", "parallel=zero3"), world_size=16, nodes=2, micro_batch_size=1,
+                     activation_checkpointing="none", activation_checkpointing_every=1, liger=False)
+    assert off.optimizer == off.grads == off.trainable_weights == off.frozen_weights == 0
+    moved = on.optimizer + on.grads + on.trainable_weights + on.frozen_weights
+    assert off.host_bytes - on.host_bytes == 8 * moved  # 8 ranks per node, each its own share
 
 
 def test_layer_activation_bytes_match_autograd_saved_tensors_of_a_real_layer() -> None:
