@@ -63,7 +63,7 @@ def _fsdp_local(overrides: tuple[str, ...], rank: int) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("peft", [pytest.param("none", marks=pytest.mark.slow), "lora"])
 def test_fsdp2_param_and_optimizer_bytes_match_a_real_fully_shard_at_world_64(peft: str) -> None:
     """The plan's frozen/trainable/optimizer bytes are the padded shard sizes FSDP2 really allocates
     (fake process group, 64 ranks, meta device), the maximum over ranks (rank 0 holds the padded
@@ -105,6 +105,7 @@ ZERO3_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two DeepSpeed ranks: ~20 s each
 @pytest.mark.parametrize("peft", ["lora", "none"])
 def test_zero3_partition_bytes_match_our_deepspeed_engine_on_two_gloo_ranks(peft: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A real 2-rank ZeRO-3 engine (ours, DeepSpeed on CPU over gloo) on the awkward small shape:
