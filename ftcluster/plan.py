@@ -37,6 +37,11 @@ CALIBRATION: dict[str, float] = {
     # (no checkpointing, Liger, seq 4096): mb1 11,614, mb2 13,866, mb4 14,426 tokens/s.
     "eff_4096": 11614 / 14426,   # 0.805
     "eff_8192": 13866 / 14426,   # 0.961
+    # ZeRO-3 holds more than its partitions and gathers: bench/RESULTS.md issue 3 measured 3.7 GiB
+    # (8B LoRA) and 7.0 GiB (1B full) above FSDP2 at 2 ranks; its gradient bucket (reduce_bucket_size
+    # elements in the compute dtype, allocated whole at start) explains ~0.9 GiB; the rest (fitted:
+    # ~3 GiB) is DeepSpeed's flat buffers and its fp32 master copy during set-up.
+    "zero3_extra_gib": 3.0,
     # Offload: full recompute plus the host copies (overlapped on a side stream; a guess, not measured).
     "offload_copy_cost": 0.05,
 }
@@ -277,13 +282,14 @@ def _loss_bytes(job: JobConfig, *, shape: Shape, tokens: int, liger: bool) -> in
     log-softmax output and its gradient exist (8 bytes x chunk x vocab; the bf16 logits are freed
     once cast, calibrated on the issue-2 8B run: 24.41 GiB allocated).
     Liger's fused linear CE computes the hidden-state gradient in forward (c x T x h kept) and holds
-    logits for chunks of T / ceil(V / h) tokens (fp32, and their gradient)."""
+    logits for chunks of T / ceil(V / h) tokens (in c, the gradient written in place; 4 bytes per
+    element at the peak with the matmul's output)."""
     c = 2 if job.train.dtype == "bf16" else 4
     lm_head_trains = job.peft.method == "none" or "lm_head" in job.peft.trainable_modules
     if liger:
         chunk = max(1, tokens // math.ceil(shape.vocab / shape.hidden))
         grad_w = shape.vocab * shape.hidden * 4 if lm_head_trains else 0
-        return tokens * c * shape.hidden + chunk * shape.vocab * 8 + grad_w
+        return tokens * c * shape.hidden + chunk * shape.vocab * 4 + grad_w
     chunk = min(job.train.loss_chunk_size, tokens)
     return chunk * shape.vocab * 8
 
@@ -339,6 +345,7 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
             # parameters under stage3_param_persistence_threshold stay gathered all step.
             small = [p for p in all_params if _numel(p.shape) < job.parallel.stage3_param_persistence_threshold]
             comm = 2 * gathered_layer + gathered_root + _sum(small, lambda p: _numel(p.shape) * c)
+            comm += job.parallel.reduce_bucket_size * c + int(CALIBRATION["zero3_extra_gib"] * GIB)
         else:
             # ZeRO-1/2: the flat fp32 group is split evenly; the bf16 module stays whole on every rank.
             part_train = math.ceil(n_train / ws)
@@ -361,8 +368,10 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
     per_layer = layer_activation_bytes(job, shape=shape, tokens=T, seq_len=seq, liger=liger)
     layer_b = sum(per_layer.values())
     ckpt_in = T * c * shape.hidden  # a checkpointed layer keeps only its input
-    # One layer's backward working set: gradients of the MLP's g/u and of the residual stream.
-    bwd = T * c * (2 * shape.intermediate + 2 * shape.hidden)
+    # One layer's backward working set: the gradient of one MLP branch and of the residual stream
+    # (the recomputed layer's saved tensors are freed as its backward consumes them). Fitted on the
+    # issue-6 slope (8B, full checkpointing, 16k-64k tokens: 0.427 MiB per token).
+    bwd = T * c * (shape.intermediate + shape.hidden)
     every = activation_checkpointing_every
     if mode == "none":
         acts = L * layer_b
