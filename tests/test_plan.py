@@ -31,32 +31,38 @@ FSDP_SCRIPT = textwrap.dedent("""
     from ftcluster.compose import compose_job
     from ftcluster.layout import concrete
     from ftcluster.model import build_module
-    rank, overrides = int(sys.argv[1]), sys.argv[2:]
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=64)
-    built = build_module(concrete(compose_job(*overrides)))
-    module = built.module
-    for p in module.parameters():  # as parallel/fsdp.py's Engine: frozen weights in the compute dtype
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-    mesh = init_device_mesh("cpu", (64,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in built.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(module, mesh=mesh, mp_policy=mp)
-    out = {"frozen": 0, "trainable": 0, "trainable_numel": 0, "dtypes": []}
-    for p in module.parameters():
-        local = p.to_local()
-        b = local.numel() * local.element_size()
-        out["trainable" if p.requires_grad else "frozen"] += b
-        out["trainable_numel"] += local.numel() if p.requires_grad else 0
-        out["dtypes"].append(str(local.dtype) + ("/train" if p.requires_grad else "/frozen"))
-    out["dtypes"] = sorted(set(out["dtypes"]))
-    print("RESULT", json.dumps(out))
+    job = concrete(compose_job(*sys.argv[1:]))
+    results = {}
+    for rank in (0, 63):  # one fake world of 64 at a time, seen from the first and the last rank
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=64)
+        built = build_module(job)
+        module = built.module
+        for p in module.parameters():  # as parallel/fsdp.py's Engine: frozen weights in the compute dtype
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        mesh = init_device_mesh("cpu", (64,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in built.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+        out = {"frozen": 0, "trainable": 0, "trainable_numel": 0, "real_rows": 0, "dtypes": []}
+        for p in module.parameters():
+            local = p.to_local()
+            b = local.numel() * local.element_size()
+            out["trainable" if p.requires_grad else "frozen"] += b
+            out["trainable_numel"] += local.numel() if p.requires_grad else 0
+            out["dtypes"].append(str(local.dtype) + ("/train" if p.requires_grad else "/frozen"))
+            # Rows of real data this rank owns (FSDP2's padded storage is the same on every rank).
+            out["real_rows"] += max(0, min(p.shape[0], (rank + 1) * -(-p.shape[0] // 64)) - rank * -(-p.shape[0] // 64))
+        out["dtypes"] = sorted(set(out["dtypes"]))
+        results[rank] = out
+        dist.destroy_process_group()
+    print("RESULT", json.dumps(results))
 """)
 
 
-def _fsdp_local(overrides: tuple[str, ...], rank: int) -> dict:
-    p = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(rank), *overrides], cwd=REPO, env=cli_env(),
+def _fsdp_local(overrides: tuple[str, ...]) -> dict:
+    p = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, *overrides], cwd=REPO, env=cli_env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -69,7 +75,9 @@ def test_fsdp2_param_and_optimizer_bytes_match_a_real_fully_shard_at_world_64(pe
     (fake process group, 64 ranks, meta device), the maximum over ranks (rank 0 holds the padded
     ceil rows; rank 63 holds fewer real rows of the odd dims, so they differ)."""
     overrides = (*SMALL, f"peft={peft}")
-    r0, r63 = _fsdp_local(overrides, 0), _fsdp_local(overrides, 63)
+    both = _fsdp_local(overrides)
+    r0, r63 = both["0"], both["63"]
+    assert r63["real_rows"] < r0["real_rows"]  # the odd dims leave the last rank short of real rows
     plan = plan_memory(compose_job(*overrides), world_size=64, micro_batch_size=1, activation_checkpointing="none",
                        activation_checkpointing_every=1, liger=False)
     # FSDP2 pads every shard to ceil(dim0 / 64) rows; rank 63's real rows are fewer, its storage is not.
