@@ -329,6 +329,14 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
         # The reduce-scatter input of one layer's gradients (reduce dtype) while the next computes.
         rs = _sum([p for p in table.layer if p.trainable], lambda p: _numel(p.shape)) * (4 if job.parallel.reduce_dtype == "fp32" else 2)
         comm += 2 * rs
+        # Deferred reduce-scatter with accumulation (parallel/fsdp.py _defer_grad_sync, auto on GPU for
+        # adapters over several ranks): unsharded fp32 gradients of every trainable parameter all step.
+        accum = job.train.grad_accum if isinstance(job.train.grad_accum, int) else 1
+        defer = job.parallel.defer_grad_sync
+        if defer == "auto":
+            defer = ws > 1 and n_train_logical <= 0.05 * _sum(all_params, lambda p: p.logical)
+        if defer and accum > 1:
+            grads_b += 4 * n_train
         if offload:
             host += frozen_b + train_b + grads_b + optim_b
             frozen_b = train_b = grads_b = optim_b = 0

@@ -239,6 +239,22 @@ def test_impossible_budget_raises_plan_error_naming_the_key_and_what_would_fit()
     assert "more GPUs" in msg and "peft=qlora" in msg and "GiB" in msg
 
 
+def test_resolve_layout_on_cuda_uses_the_plan_and_fails_naming_the_key() -> None:
+    """ftcluster/layout.py's CUDA path: train.memory_budget_gib is planned for; auto becomes the
+    plan's choice (an event-ready Layout), and a budget nothing fits in raises PlanError before start."""
+    from ftcluster.layout import resolve_layout
+
+    job = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096",
+                      "train.global_batch_size=8", "train.memory_budget_gib=141")
+    lay = resolve_layout(job, world_size=1, device_type="cuda", liger_installed=True)
+    assert (lay.micro_batch_size, lay.grad_accum, lay.activation_checkpointing, lay.liger) == (4, 2, "none", True)
+    assert lay.budget_gib == 141 and lay.predicted_peak_gib < 141 * 0.95
+    small = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096",
+                        "train.global_batch_size=8", "train.memory_budget_gib=10")
+    with pytest.raises(PlanError, match=r"^train.memory_budget_gib: nothing fits"):
+        resolve_layout(small, world_size=1, device_type="cuda", liger_installed=True)
+
+
 def test_cli_405b_qlora_node_grid_runs_in_seconds_and_prints_a_row_per_combination() -> None:
     t = time.monotonic()
     p = run_cli("plan", "model=llama3_405b", "peft=qlora", "data=synthetic", "--nodes", "1,2,4,8,16,32,64",
