@@ -17,7 +17,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Optional
 
 from ftcluster.config import ConfigError, JobConfig, ac_mode
@@ -133,17 +132,15 @@ def param_table(job: JobConfig) -> ParamTable:
     key = _table_key(job)
     if key in _TABLES:
         return _TABLES[key]
-    from ftcluster.layout import concrete
     from ftcluster.model import build_module
     from ftcluster.quant import logical_numel
 
-    small = concrete(job)
-    small = dataclasses.replace(small, train=dataclasses.replace(small.train, activation_checkpointing="none"),
-                                model=dataclasses.replace(small.model, liger="false"))
-    layers_built = job.model.num_layers
+    # The `auto` knobs do not change parameters: pin them (layout.concrete would import us back).
+    small = dataclasses.replace(job, train=dataclasses.replace(job.train, activation_checkpointing="none",
+                                                               micro_batch_size=1, grad_accum=1),
+                                model=dataclasses.replace(job.model, liger="false"))
     if job.model.path is None:
         small = dataclasses.replace(small, model=dataclasses.replace(small.model, num_layers=1))
-        layers_built = 1
     built = build_module(small)
     compute_bytes = 2 if job.train.dtype == "bf16" else 4
     layer, root, n_layers = [], [], 0
@@ -159,7 +156,6 @@ def param_table(job: JobConfig) -> ParamTable:
             n_layers = max(n_layers, int(match.group(1)) + 1)
             if match.group(1) == "0":
                 layer.append(entry)
-    del layers_built
     full_layers = job.model.num_layers if job.model.path is None else n_layers
     table = ParamTable(layer=tuple(layer), root=tuple(root), num_layers=full_layers)
     _TABLES[key] = table
@@ -295,123 +291,151 @@ def _loss_bytes(job: JobConfig, *, shape: Shape, tokens: int, liger: bool) -> in
 
 
 # --- the plan -------------------------------------------------------------------------------
+@dataclass
+class _State:
+    """Weights, gradients, optimizer state and their buffers on the GPU of one rank; `host`: what
+    the backend moved to host memory (per rank)."""
+    frozen: int = 0
+    trainable: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    comm: int = 0
+    host: int = 0
+
+
+def _fsdp2_state(job: JobConfig, table: ParamTable, *, ws: int, c: int) -> _State:
+    L = table.num_layers
+    all_params = [*table.root, *(table.layer * L)]
+    local = lambda p: fsdp_local_numel(p.shape, ws)  # noqa: E731
+    s = _State()
+    s.frozen = _sum([p for p in all_params if not p.trainable], lambda p: local(p) * p.bytes_per_elt)
+    s.trainable = _sum([p for p in all_params if p.trainable], lambda p: local(p) * 4)
+    s.grads = s.trainable  # fp32 sharded gradients
+    s.optimizer = 2 * s.trainable  # AdamW: two fp32 moments per local trainable element
+    # All-gathered layers in the compute dtype: the current and the prefetched one; the root's
+    # group (embeddings, head) stays gathered from its forward through its backward. At world
+    # size 1 FSDP2 still copies into its all-gather buffers (bench/RESULTS.md issue 2: +2 GiB).
+    s.comm = 2 * _gathered(table.layer, c) + _gathered(table.root, c)
+    # The reduce-scatter input of one layer's gradients (reduce dtype) while the next computes.
+    reduce_bytes = 4 if job.parallel.reduce_dtype == "fp32" else 2
+    s.comm += 2 * _sum([p for p in table.layer if p.trainable], lambda p: _numel(p.shape)) * reduce_bytes
+    # Deferred reduce-scatter with accumulation (parallel/fsdp.py _defer_grad_sync, auto on GPU for
+    # adapters over several ranks): unsharded fp32 gradients of every trainable parameter all step.
+    accum = job.train.grad_accum if isinstance(job.train.grad_accum, int) else 1
+    defer = job.parallel.defer_grad_sync
+    if defer == "auto":
+        defer = ws > 1 and _sum([p for p in all_params if p.trainable], lambda p: p.logical) <= \
+            0.05 * _sum(all_params, lambda p: p.logical)
+    if defer and accum > 1:
+        s.grads += 4 * _sum([p for p in all_params if p.trainable], lambda p: _numel(p.shape))
+    if job.parallel.cpu_offload:  # CPUOffloadPolicy: sharded params, grads and optimizer on the host
+        s.host = s.frozen + s.trainable + s.grads + s.optimizer
+        s.frozen = s.trainable = s.grads = s.optimizer = 0
+    return s
+
+
+def _zero_state(job: JobConfig, table: ParamTable, *, ws: int, c: int) -> _State:
+    stage = int(job.parallel.backend[-1])
+    all_params = [*table.root, *(table.layer * table.num_layers)]
+    trainable = [p for p in all_params if p.trainable]
+    frozen = [p for p in all_params if not p.trainable]
+    n_train = _sum(trainable, lambda p: _numel(p.shape))
+    s = _State()
+    if stage == 3:
+        # ZeRO-3 partitions every parameter on its own: ceil(numel / world) elements per rank (its
+        # local partition tensor), the fp32 master / moments / gradient partitions the same elements.
+        part = _sum(trainable, lambda p: math.ceil(_numel(p.shape) / ws))
+        s.frozen = _sum(frozen, lambda p: math.ceil(_numel(p.shape) / ws) * p.bytes_per_elt)
+        train16 = c * part
+        s.grads = 4 * part  # fp32 accumulation of the partition (data_types.grad_accum_dtype)
+        # Per-layer gathers (stage3_gather_per_layer) of the current and the prefetched layer;
+        # parameters under stage3_param_persistence_threshold stay gathered all step.
+        small = [p for p in all_params if _numel(p.shape) < job.parallel.stage3_param_persistence_threshold]
+        s.comm = 2 * _gathered(table.layer, c) + _gathered(table.root, c) + _sum(small, lambda p: _numel(p.shape) * c)
+        s.comm += job.parallel.reduce_bucket_size * c + int(CALIBRATION["zero3_extra_gib"] * GIB)
+    else:
+        # ZeRO-1/2: the flat fp32 group is split evenly; the bf16 module stays whole on every rank.
+        part = math.ceil(n_train / ws)
+        s.frozen = _sum(frozen, lambda p: _numel(p.shape) * p.bytes_per_elt)
+        train16 = c * n_train
+        s.grads = 4 * (n_train if stage == 1 else part)
+    s.optimizer = 8 * part
+    master = 4 * part
+    # Gradient buckets in flight (overlap_comm: two), bf16 gradients of a bucket.
+    s.comm += 2 * min(job.parallel.reduce_bucket_size, n_train) * c
+    s.trainable = train16 + master
+    if job.parallel.cpu_offload:  # ZeRO-Offload: optimizer, fp32 masters and gradients (+ params at stage 3)
+        s.host = s.optimizer + master + s.grads
+        s.optimizer, s.grads, s.trainable = 0, 0, train16
+        if stage == 3:
+            s.host += s.frozen + s.trainable
+            s.frozen = s.trainable = 0
+    return s
+
+
+def _gathered(params: tuple[Param, ...], c: int) -> int:
+    """Bytes of these parameters all-gathered for compute (trainable ones cast to the compute dtype)."""
+    return _sum(params, lambda p: _numel(p.shape) * (c if p.trainable else p.bytes_per_elt))
+
+
+def _activations(job: JobConfig, *, shape: Shape, layers: int, tokens: int, mode: str, every: int,
+                 liger: bool) -> tuple[int, int, dict[str, int]]:
+    """(GPU bytes, host bytes, per-layer bytes by op) of the saved activations in this mode."""
+    c = 2 if job.train.dtype == "bf16" else 4
+    per_layer = layer_activation_bytes(job, shape=shape, tokens=tokens, seq_len=job.data.max_seq_len, liger=liger)
+    layer_b = sum(per_layer.values())
+    ckpt_in = tokens * c * shape.hidden  # a checkpointed layer keeps only its input
+    host = 0
+    if mode == "none":
+        acts = layers * layer_b
+    elif mode == "full":  # every input kept, one layer's full set alive while it is recomputed
+        acts = layers * ckpt_in + layer_b
+    elif mode == "selective":
+        n_ck = len(range(0, layers, every))  # layer index % k == 0 recomputed, the others store all
+        acts = n_ck * ckpt_in + (layers - n_ck) * layer_b + (layer_b if n_ck else 0)
+    else:  # offload: inputs in pinned host memory; two in flight on the GPU (copy out / copy back)
+        acts = 2 * ckpt_in + layer_b
+        host = layers * ckpt_in
+    # One layer's backward working set: the gradient of one MLP branch and of the residual stream
+    # (the recomputed layer's saved tensors are freed as its backward consumes them). Fitted on the
+    # issue-6 slope (8B, full checkpointing, 16k-64k tokens: 0.427 MiB per token).
+    acts += tokens * c * (shape.intermediate + shape.hidden)
+    acts += tokens * c * shape.hidden  # the final norm's output: the head's input
+    return acts, host, per_layer
+
+
 def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_size: int,
                 activation_checkpointing: str, activation_checkpointing_every: int, liger: bool) -> MemoryPlan:
     """Per-rank bytes of `job` at this layout (values given are taken as they are: no `auto`)."""
     mode = ac_mode(activation_checkpointing)
     table = param_table(job)
     shape = model_shape(job)
-    L = table.num_layers
     c = 2 if job.train.dtype == "bf16" else 4
-    seq = job.data.max_seq_len
-    T = micro_batch_size * seq
-    backend = job.parallel.backend
-    offload = job.parallel.cpu_offload
+    T = micro_batch_size * job.data.max_seq_len
     ws = world_size
-    all_params = [*table.root, *(table.layer * L)]
-    trainable = [p for p in all_params if p.trainable]
-    frozen = [p for p in all_params if not p.trainable]
-    n_train = _sum(trainable, lambda p: _numel(p.shape))
-    n_train_logical = _sum(trainable, lambda p: p.logical)
-    gathered_layer = _sum(table.layer, lambda p: _numel(p.shape) * (c if p.trainable else p.bytes_per_elt))
-    gathered_root = _sum(table.root, lambda p: _numel(p.shape) * (c if p.trainable else p.bytes_per_elt))
-    host = 0  # per rank; times the ranks of a node at the end
-    if backend == "fsdp2":
-        local = lambda p: fsdp_local_numel(p.shape, ws)  # noqa: E731
-        frozen_b = _sum(frozen, lambda p: local(p) * p.bytes_per_elt)
-        train_b = _sum(trainable, lambda p: local(p) * 4)
-        grads_b = train_b  # fp32 sharded gradients
-        optim_b = 2 * train_b  # AdamW: two fp32 moments per local trainable element
-        # All-gathered layers in the compute dtype: the current and the prefetched one; the root's
-        # group (embeddings, head) stays gathered from its forward through its backward. At world
-        # size 1 FSDP2 still copies into its all-gather buffers (bench/RESULTS.md issue 2: +2 GiB).
-        comm = 2 * gathered_layer + gathered_root
-        # The reduce-scatter input of one layer's gradients (reduce dtype) while the next computes.
-        rs = _sum([p for p in table.layer if p.trainable], lambda p: _numel(p.shape)) * (4 if job.parallel.reduce_dtype == "fp32" else 2)
-        comm += 2 * rs
-        # Deferred reduce-scatter with accumulation (parallel/fsdp.py _defer_grad_sync, auto on GPU for
-        # adapters over several ranks): unsharded fp32 gradients of every trainable parameter all step.
-        accum = job.train.grad_accum if isinstance(job.train.grad_accum, int) else 1
-        defer = job.parallel.defer_grad_sync
-        if defer == "auto":
-            defer = ws > 1 and n_train_logical <= 0.05 * _sum(all_params, lambda p: p.logical)
-        if defer and accum > 1:
-            grads_b += 4 * n_train
-        if offload:
-            host += frozen_b + train_b + grads_b + optim_b
-            frozen_b = train_b = grads_b = optim_b = 0
-    else:
-        stage = int(backend[-1])
-        if stage == 3:
-            # ZeRO-3 partitions every parameter on its own: ceil(numel / world) elements per rank
-            # (ds_tensor), the fp32 master / moments / gradient partitions the same elements.
-            part_train = _sum(trainable, lambda p: math.ceil(_numel(p.shape) / ws))
-            frozen_b = _sum(frozen, lambda p: math.ceil(_numel(p.shape) / ws) * p.bytes_per_elt)
-            train16 = c * part_train
-            grads_b = 4 * part_train  # fp32 accumulation of the partition (data_types.grad_accum_dtype)
-            # Per-layer gathers (stage3_gather_per_layer) of the current and the prefetched layer;
-            # parameters under stage3_param_persistence_threshold stay gathered all step.
-            small = [p for p in all_params if _numel(p.shape) < job.parallel.stage3_param_persistence_threshold]
-            comm = 2 * gathered_layer + gathered_root + _sum(small, lambda p: _numel(p.shape) * c)
-            comm += job.parallel.reduce_bucket_size * c + int(CALIBRATION["zero3_extra_gib"] * GIB)
-        else:
-            # ZeRO-1/2: the flat fp32 group is split evenly; the bf16 module stays whole on every rank.
-            part_train = math.ceil(n_train / ws)
-            frozen_b = _sum(frozen, lambda p: _numel(p.shape) * p.bytes_per_elt)
-            train16 = c * n_train
-            grads_b = 4 * (n_train if stage == 1 else part_train)
-            comm = 0
-        optim_b = 8 * part_train
-        master = 4 * part_train
-        # Gradient buckets in flight (overlap_comm: two), bf16 gradients of a bucket.
-        comm += 2 * min(job.parallel.reduce_bucket_size, n_train) * c
-        train_b = train16 + master
-        if offload:
-            host += optim_b + master + grads_b
-            optim_b, grads_b, train_b = 0, 0, train_b - master
-            if stage == 3:
-                host += frozen_b + train_b
-                frozen_b = train_b = 0
-    # Activations: per layer, by mode (derivation in layer_activation_bytes).
-    per_layer = layer_activation_bytes(job, shape=shape, tokens=T, seq_len=seq, liger=liger)
-    layer_b = sum(per_layer.values())
-    ckpt_in = T * c * shape.hidden  # a checkpointed layer keeps only its input
-    # One layer's backward working set: the gradient of one MLP branch and of the residual stream
-    # (the recomputed layer's saved tensors are freed as its backward consumes them). Fitted on the
-    # issue-6 slope (8B, full checkpointing, 16k-64k tokens: 0.427 MiB per token).
-    bwd = T * c * (shape.intermediate + shape.hidden)
-    every = activation_checkpointing_every
-    if mode == "none":
-        acts = L * layer_b
-    elif mode == "full":
-        acts = L * ckpt_in + layer_b
-    elif mode == "selective":
-        n_ck = len(range(0, L, every))  # layer index % k == 0 recomputed
-        acts = n_ck * ckpt_in + (L - n_ck) * layer_b + (layer_b if n_ck else 0)
-    else:  # offload: inputs on pinned host memory; two in flight on the GPU (copy out / copy back)
-        acts = 2 * ckpt_in + layer_b
-        host += L * ckpt_in
-    acts += bwd + T * c * shape.hidden  # + the final norm's output / the head's input
+    state = (_fsdp2_state if job.parallel.backend == "fsdp2" else _zero_state)(job, table, ws=ws, c=c)
+    acts, act_host, per_layer = _activations(job, shape=shape, layers=table.num_layers, tokens=T, mode=mode,
+                                             every=activation_checkpointing_every, liger=liger)
     logits = _loss_bytes(job, shape=shape, tokens=T, liger=liger)
-    gpu = frozen_b + train_b + grads_b + optim_b + acts + logits + comm
+    gpu = state.frozen + state.trainable + state.grads + state.optimizer + acts + logits + state.comm
     slack = int(CALIBRATION["slack_fraction"] * gpu + CALIBRATION["slack_fixed_gib"] * GIB)
+    all_params = [*table.root, *(table.layer * table.num_layers)]
     # Host: the sharded load reads safetensors slices one tensor at a time (model/weights.py): at most
-    # one whole tensor per rank in flight (the embedding is the largest), in the compute dtype.
+    # one whole tensor per rank in flight (the embedding is the largest), in the compute dtype. Pinned
+    # host memory per node: every rank of the node offloads its own share.
     biggest = max(_numel(p.shape) * c for p in all_params)
-    host += biggest
-    # Pinned host memory per node: every rank of the node offloads its own share.
-    host *= nodes_ranks(ws, nodes)
+    host = (biggest + state.host + act_host) * nodes_ranks(ws, nodes)
     detail = {
-        "world_size": ws, "nodes": nodes, "backend": backend, "cpu_offload": offload,
-        "params_total": _sum(all_params, lambda p: p.logical), "params_trainable": n_train_logical,
-        "layers": L, "tokens_per_micro_batch": T,
-        "activation_bytes_per_layer": layer_b, "activation_bytes_per_layer_by_op": per_layer,
-        "checkpoint_bytes_per_layer": ckpt_in,
-        "allocated": gpu,
+        "world_size": ws, "nodes": nodes, "backend": job.parallel.backend, "cpu_offload": job.parallel.cpu_offload,
+        "params_total": _sum(all_params, lambda p: p.logical),
+        "params_trainable": _sum([p for p in all_params if p.trainable], lambda p: p.logical),
+        "layers": table.num_layers, "tokens_per_micro_batch": T,
+        "activation_bytes_per_layer": sum(per_layer.values()), "activation_bytes_per_layer_by_op": per_layer,
+        "checkpoint_bytes_per_layer": T * c * shape.hidden, "allocated": gpu,
     }
-    return MemoryPlan(frozen_weights=frozen_b, trainable_weights=train_b, grads=grads_b, optimizer=optim_b,
-                      activations=acts, logits=logits, comm_buffers=comm, slack=slack, host_bytes=host,
-                      detail=detail)
+    return MemoryPlan(frozen_weights=state.frozen, trainable_weights=state.trainable, grads=state.grads,
+                      optimizer=state.optimizer, activations=acts, logits=logits, comm_buffers=state.comm,
+                      slack=slack, host_bytes=host, detail=detail)
 
 
 def nodes_ranks(world_size: int, nodes: int) -> int:
