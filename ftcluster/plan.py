@@ -544,11 +544,17 @@ def _no_fit_message(job: JobConfig, *, rows, usable: float, margin: str, world_s
     if smallest[2] != "offload" and fixed_ac is not None:
         hints.append(f"train.activation_checkpointing=offload ({plan1.total / GIB:.1f} GiB at micro-batch 1)")
     weights = plan1.frozen_weights + plan1.trainable_weights + plan1.grads + plan1.optimizer
-    if weights > 0:
-        need = math.ceil(world_size * weights / max(1.0, usable * GIB - (plan1.total - weights)))
-        if need > world_size:
-            hints.append(f"more GPUs: weights, gradients and optimizer are {weights / GIB:.1f} GiB per rank at "
-                         f"{world_size} ranks, about {need} ranks or more would leave room")
+    ranks = world_size * 2
+    while ranks <= 65536:  # shard arithmetic only: cheap to try each doubling
+        more = plan_memory(job, world_size=ranks, micro_batch_size=1, activation_checkpointing="offload",
+                           activation_checkpointing_every=1, liger=liger)
+        if more.total / GIB <= usable:
+            more_w = more.frozen_weights + more.trainable_weights + more.grads + more.optimizer
+            hints.append(f"more GPUs: {ranks} ranks (weights, gradients and optimizer {weights / GIB:.1f} GiB per rank "
+                         f"at {world_size}, {more_w / GIB:.1f} GiB at {ranks}; {more.total / GIB:.1f} GiB in all at "
+                         f"micro-batch 1 with offload)")
+            break
+        ranks *= 2
     if job.peft.method != "qlora":
         hints.append("peft=qlora (4-bit frozen base weights)")
     return (f"{key}: nothing fits in {margin}: the smallest layout, {_describe(smallest[1], smallest[2], smallest[3])}, "

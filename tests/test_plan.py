@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -236,7 +237,11 @@ def test_impossible_budget_raises_plan_error_naming_the_key_and_what_would_fit()
     msg = str(e.value)
     assert isinstance(e.value, ConfigError)
     assert msg.startswith("train.memory_budget_gib: nothing fits in 12.0 GiB")
-    assert "more GPUs" in msg and "peft=qlora" in msg and "GiB" in msg
+    assert "peft=qlora" in msg
+    ranks = int(re.search(r"more GPUs: (\d+) ranks", msg).group(1))
+    fits = [plan_memory(job, world_size=n, micro_batch_size=1, activation_checkpointing="offload",
+                        activation_checkpointing_every=1, liger=True).total / GIB <= 12.0 * 0.95 for n in (ranks // 2, ranks)]
+    assert fits == [False, True]  # the suggestion fits, and it is the smallest doubling that does
 
 
 def test_resolve_layout_on_cuda_uses_the_plan_and_fails_naming_the_key() -> None:
