@@ -186,6 +186,26 @@ def test_layer_activation_bytes_match_autograd_saved_tensors_of_a_real_layer() -
     assert sum(double.values()) == 2 * sum(predicted.values())
 
 
+def test_checkpointing_modes_order_and_count_layers_as_specified() -> None:
+    """none > selective k=4 > selective k=2 > full > offload on the GPU; selective k recomputes the
+    layers with index % k == 0 (keeping their input) and stores everything of the others; offload
+    moves every layer's input to host memory."""
+    job = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096")
+    acts = {}
+    for mode, k in (("none", 1), ("selective", 4), ("selective", 2), ("full", 1), ("offload", 1)):
+        acts[(mode, k)] = plan_memory(job, world_size=1, micro_batch_size=1, activation_checkpointing=mode,
+                                      activation_checkpointing_every=k, liger=True)
+    gpu = [p.activations for p in acts.values()]
+    assert gpu == sorted(gpu, reverse=True) and len(set(gpu)) == 5
+    d = acts[("full", 1)].detail
+    layer, ckpt, L = d["activation_bytes_per_layer"], d["checkpoint_bytes_per_layer"], d["layers"]
+    assert L == 32 and ckpt == 4096 * 4096 * 2
+    # Selective 4 over 32 layers: 8 recomputed (0, 4, ..., 28), 24 stored whole.
+    assert acts[("selective", 4)].activations - acts[("full", 1)].activations == 24 * layer - 24 * ckpt
+    assert acts[("none", 1)].activations - acts[("full", 1)].activations == 31 * layer - 32 * ckpt
+    assert acts[("offload", 1)].host_bytes - acts[("full", 1)].host_bytes == 32 * ckpt
+
+
 def test_plan_matches_the_h200_calibration_runs() -> None:
     """The three 8B LoRA measurements of issue 18 / bench/RESULTS.md (max_memory_allocated, world 1)."""
     job = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096")
