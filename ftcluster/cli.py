@@ -18,6 +18,8 @@ commands:
   sweep     hyperparameter search with Ray Tune (random, grid, optuna; ASHA early stopping), same overrides
             as train plus Hydra sweep syntax: ftcluster sweep optim.lr='tag(log,interval(1e-5,1e-3))' ...
             (results.md, results.csv and curves.png in the sweep dir)
+  plan      per-rank GPU/host memory of a job and the layout auto would choose, no GPU needed:
+            ftcluster plan [overrides] [--world-size N | --nodes N[,M..] --gpus-per-node G] [--gpu-gib X[,Y]] [--json]
   export    write a checkpoint as a Hugging Face PEFT adapter or (--merge) a merged model:
             ftcluster export <checkpoint or run dir> <out dir> [--best] [--merge] [--dtype bf16] [--max-shard-size 5GB]
   generate  answer prompts with a run's newest checkpoint (or --best) or an export, in a few seconds:
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from ftcluster.sweep import sweep_command
 
         return sweep_command(rest)
+    if cmd == "plan":
+        from ftcluster.plan_cli import plan_command
+
+        return plan_command(rest)
     if cmd == "export":
         from ftcluster.export import export_command
 

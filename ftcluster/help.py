@@ -24,6 +24,9 @@ Fine-tune a real model (a local Hugging Face directory; nothing is downloaded), 
   ftcluster train model=local model.path=/models/Llama-3.1-8B-Instruct \\
     data=jsonl data.path=/data/train.jsonl peft=lora launcher.nproc_per_node=8 run.name=llama8b-lora
 
+Size it first (per-rank GPU/host memory and the layout `auto` picks; no GPU needed, same overrides):
+  ftcluster plan model=llama3_70b peft=qlora --nodes 1,2,4 --gpu-gib 80,141 [--json]
+
 A value with a comma is a list to Hydra: quote it, e.g. 'data.path="/d/a.jsonl,/d/b.jsonl"'.
 --verbose (log.level=debug) shows third-party output on the console; --cfg job prints the composed
 config; --version the installed version."""

@@ -128,7 +128,7 @@ def resolve_layout(job: JobConfig, *, world_size: int, nodes: int = 1, device_ty
 
     budget = t.memory_budget_gib if t.memory_budget_gib is not None else free_gib
     if budget is None:
-        raise ConfigError("train.memory_budget_gib", "unknown GPU memory: set train.memory_budget_gib")
+        raise ConfigError("train.memory_budget_gib: unknown GPU memory: set train.memory_budget_gib")
     choice = choose_layout(job, world_size=world_size, nodes=nodes, budget_gib=budget, liger=liger, per_rank_batch=per_rank,
                            micro_batch_size=mb_fixed if mb_fixed is not None else (per_rank // accum_fixed if accum_fixed else None),
                            activation_checkpointing=ac_fixed, activation_checkpointing_every=t.activation_checkpointing_every)
