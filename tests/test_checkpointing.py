@@ -1,0 +1,189 @@
+"""Activation checkpointing modes (train.activation_checkpointing: none / selective / full /
+offload) and per-layer torch.compile (model.compile), on the embedded tiny Llama (4 decoder layers)
+in fp32 on CPU.
+
+On a CPU there is no pinned memory or side stream: `offload` runs with its CPU stand-in
+(ftcluster/model/checkpointing.py `_HostStandIn`, a plain host copy), so the autograd structure,
+the copy counts and the prefetch order are the real ones; the CUDA copies are measured on the GPU
+(bench/ac_modes_check.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from conftest import compose_job, explain, lm_batch, losses, run_cli
+
+MODES = ("none", "selective", "full", "offload")
+
+
+def build(mode: str, peft: str, *extra: str):  # type: ignore[no-untyped-def]
+    from ftcluster.model import build_module, materialize
+
+    job = compose_job("train.dtype=fp32", f"train.activation_checkpointing={mode}",
+                      "train.activation_checkpointing_every=2", f"peft={peft}", "peft.rank=4", "peft.dropout=0.1", *extra)
+    built = build_module(job)
+    materialize(built.module, cfg=job.model, seed=0, device=torch.device("cpu"))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for n, p in built.module.named_parameters():
+            if "lora_B" in n:  # B starts at zero: adapters that change the output, so every grad is non-trivial
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return built
+
+
+def step(built, ids):  # type: ignore[no-untyped-def]
+    """One forward + backward: the loss and every trainable gradient. Fixed RNG: LoRA dropout is on."""
+    torch.manual_seed(0)
+    loss = built.module(lm_batch(ids))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in built.module.named_parameters() if p.requires_grad}
+
+
+IDS = torch.randint(6, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_modes_give_the_same_loss_and_gradients(peft: str) -> None:
+    """Recompute (and the offloaded copy) changes nothing numerically: the loss and every trainable
+    gradient equal the no-checkpointing run, with LoRA dropout on (the recompute replays the RNG)."""
+    want_loss, want = step(build("none", peft), IDS)
+    assert len(want) > 10 and all(g.abs().sum() > 0 for g in want.values())
+    for mode in MODES[1:]:
+        loss, grads = step(build(mode, peft), IDS)
+        assert torch.equal(loss, want_loss), mode
+        assert grads.keys() == want.keys()
+        for n, g in grads.items():
+            torch.testing.assert_close(g, want[n], rtol=1e-6, atol=1e-7, msg=lambda m: f"{mode} {n}: {m}")
+
+
+def forward_calls(built, ids) -> list[int]:  # type: ignore[no-untyped-def]
+    """How many times each decoder layer's MLP started in one training step (the recompute calls the
+    layer's `forward`, not its `__call__`, so a hook on the layer itself would not see it; a pre-hook,
+    since the recompute stops early, inside the MLP, once the last saved tensor is rebuilt)."""
+    counts = [0] * len(built.layers)
+    for i, layer in enumerate(built.layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    step(built, ids)
+    return counts
+
+
+def test_each_mode_recomputes_exactly_its_layers() -> None:
+    """selective (every 2): layers 0 and 2 run twice (forward and recompute), 1 and 3 once; full and
+    offload: every layer twice; none: once. Eval (no autograd) never recomputes."""
+    from ftcluster.model.checkpointing import recomputed_layers
+
+    assert recomputed_layers(num_layers=4, mode="selective", every=2) == [0, 2]
+    assert recomputed_layers(num_layers=7, mode="selective", every=3) == [0, 3, 6]
+    assert recomputed_layers(num_layers=4, mode="selective", every=1) == [0, 1, 2, 3]
+    want = {"none": [1, 1, 1, 1], "selective": [2, 1, 2, 1], "full": [2, 2, 2, 2], "offload": [2, 2, 2, 2]}
+    for mode in MODES:
+        assert forward_calls(build(mode, "lora"), IDS) == want[mode], mode
+    built = build("full", "lora", "train.activation_checkpointing_every=3")
+    assert [bool(m.gradient_checkpointing) for m in built.layers] == [True] * 4  # every only matters to selective
+    built = build("selective", "lora", "train.activation_checkpointing_every=3")
+    assert forward_calls(built, IDS) == [2, 1, 1, 2]
+
+
+def layer_inputs_alive_before_backward(built, ids) -> list[bool]:  # type: ignore[no-untyped-def]
+    """After forward, before backward: is the memory of each layer's input hidden state still held?"""
+    refs = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: refs.append(StorageWeakRef(args[0].untyped_storage())))
+             for m in built.layers]
+    torch.manual_seed(0)
+    loss = built.module(lm_batch(ids))
+    alive = [not r.expired() for r in refs]
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return alive
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_offload_moves_the_checkpoints_off_the_device(peft: str) -> None:
+    """`full` keeps every layer's input (its checkpoint) in the device's memory until backward;
+    `offload` has released all of them once forward is done: backward reads the host copies (CPU
+    stand-in) -- one per layer of [batch, seq, hidden] fp32, each fetched back once in backward,
+    all but the first fetched ahead (prefetch while the later layer recomputes)."""
+    from ftcluster.model.checkpointing import OffloadingCheckpoint
+
+    assert layer_inputs_alive_before_backward(build("full", peft), IDS)[1:] == [True] * 3
+    built = build("offload", peft)
+    offloader = built.layers[0]._gradient_checkpointing_func.offloader
+    assert all(isinstance(m._gradient_checkpointing_func, OffloadingCheckpoint) for m in built.layers)
+    assert layer_inputs_alive_before_backward(built, IDS) == [False] * 4
+    s = offloader.stats
+    assert (s.offloaded, s.fetched, s.prefetched) == (4, 4, 3)
+    assert s.offloaded_bytes == 4 * IDS.numel() * 128 * 4
+    with torch.no_grad():  # evaluation: no checkpoint, nothing offloaded
+        built.module.eval()
+        built.module(lm_batch(IDS))
+    assert s.offloaded == 4
+
+
+def test_offload_fails_loudly_when_the_hidden_state_is_passed_by_keyword() -> None:
+    """If the layer input never reached the saved-tensor hooks (a keyword argument), offload says so
+    instead of silently keeping everything on the device."""
+    from ftcluster.model.checkpointing import ActivationOffloader, OffloadingCheckpoint
+
+    lin = torch.nn.Linear(4, 4)
+    func = OffloadingCheckpoint(offloader=ActivationOffloader())
+    x = torch.randn(2, 4, requires_grad=True)
+    func(lin, x).sum().backward()  # positional: offloaded
+    assert func.offloader.stats.offloaded == 1 and x.grad is not None
+    with pytest.raises(RuntimeError, match="by keyword"):
+        func(lambda: lin(x))
+
+
+def test_frozen_reference_is_not_checkpointed() -> None:
+    """DPO's frozen reference copy (build_module(frozen=True)) runs without autograd: no checkpointing."""
+    from ftcluster.model import build_module
+
+    built = build_module(compose_job("train.activation_checkpointing=offload"), frozen=True)
+    assert not any(m.gradient_checkpointing for m in built.layers)
+
+
+def test_bad_mode_names_the_key() -> None:
+    from ftcluster.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+        compose_job("train.activation_checkpointing=bogus")
+    with pytest.raises(ConfigError, match="train.activation_checkpointing_every"):
+        compose_job("train.activation_checkpointing=selective", "train.activation_checkpointing_every=0")
+
+
+# --- compile ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "offload"])
+def test_compiled_layers_keep_names_and_losses(mode: str) -> None:
+    """Per-layer compile in place (aot_eager: dynamo + AOTAutograd's traced forward/backward,
+    without inductor's C++ build, which takes a minute on this CPU): the same parameter names and
+    state-dict keys, every layer a compiled module, and the same loss and gradients as eager."""
+    from ftcluster.model.compile import apply_compile
+
+    eager = build(mode, "lora")
+    want_loss, want = step(eager, IDS)
+    built = build(mode, "lora")
+    keys = list(built.module.state_dict())
+    apply_compile(built.layers, device_type="cpu", backend="aot_eager")
+    assert list(built.module.state_dict()) == keys
+    assert all(m._compiled_call_impl is not None for m in built.layers)
+    loss, grads = step(built, IDS)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, want[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_compile_on_a_cpu_rank_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
+    """model.compile=true on CPU: one warning, the layers left eager (inductor's CPU build is not
+    what a CPU run is for)."""
+    from ftcluster.model import build_module
+
+    with caplog.at_level("WARNING", logger="ftcluster"):
+        built = build_module(compose_job("model.compile=true"))
+    assert all(m._compiled_call_impl is None for m in built.layers)
+    assert sum("model.compile" in r.getMessage() for r in caplog.records) == 1
