@@ -187,3 +187,58 @@ def test_compile_on_a_cpu_rank_stays_eager(caplog: pytest.LogCaptureFixture) -> 
         built = build_module(compose_job("model.compile=true"))
     assert all(m._compiled_call_impl is None for m in built.layers)
     assert sum("model.compile" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- through the real CLI: 2 ranks over gloo ---------------------------------------------------
+
+CLI = ["launcher.nproc_per_node=2", "peft=lora", "train.max_steps=3", "checkpoint.enabled=false", "logger=none",
+       "eval.at_start=false", "eval.max_batches=1", "eval.num_prompts=0"]
+
+
+def run_modes(cwd: Path, modes: dict[str, list[str]], *common: str) -> dict[str, dict[int, float]]:
+    """Start one CLI run per entry at once (they share the 2 cores), wait for all; their losses."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    procs = {name: subprocess.Popen([sys.executable, "-m", "ftcluster", "train", *CLI, *common, *args,
+                                     f"run.dir={cwd / name}"], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for name, args in modes.items()}
+    for name, p in procs.items():
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, f"{name}: exit {p.returncode}\n{out[-4000:]}"
+    out = {name: losses(cwd / name) for name in modes}
+    for name in modes:
+        layout = [json.loads(line) for line in (cwd / name / "metrics.jsonl").read_text().splitlines()
+                  if '"layout"' in line][0]
+        assert layout["activation_checkpointing"] == name.split("_")[0]
+    return out
+
+
+def test_fsdp2_two_ranks_offload_and_selective_match_none(tmp_path: Path) -> None:
+    """FSDP2 (fully_shard per decoder layer, so the recompute runs on the layer's gathered
+    parameters), LoRA on packed rows (the packed-attention mask as a layer keyword), bf16: offload
+    and selective (every 2) give the losses of no checkpointing, step by step."""
+    got = run_modes(tmp_path, {m: [f"train.activation_checkpointing={m}"] for m in ("none", "selective", "offload")},
+                    "parallel=fsdp2")
+    assert sorted(got["none"]) == [1, 2, 3]
+    for mode in ("selective", "offload"):
+        assert got[mode].keys() == got["none"].keys()
+        for s, want in got["none"].items():
+            assert got[mode][s] == pytest.approx(want, rel=1e-6, abs=1e-6), (mode, s)
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_offload_matches_none(tmp_path: Path) -> None:
+    """DeepSpeed ZeRO-3 (parameters gathered by DeepSpeed's hooks, outside the checkpointed forward),
+    full fine-tune and LoRA: offload gives the losses of no checkpointing."""
+    got = run_modes(tmp_path, {"none": ["train.activation_checkpointing=none"],
+                               "offload": ["train.activation_checkpointing=offload"],
+                               "none_full": ["train.activation_checkpointing=none", "peft=none"],
+                               "offload_full": ["train.activation_checkpointing=offload", "peft=none"]},
+                    "parallel=zero3", "train.max_steps=2")
+    for a, b in (("none", "offload"), ("none_full", "offload_full")):
+        assert sorted(got[a]) == [1, 2] and got[b].keys() == got[a].keys()
+        for s, want in got[a].items():
+            assert got[b][s] == pytest.approx(want, rel=1e-6, abs=1e-6), (b, s)
