@@ -169,10 +169,24 @@ def test_compiled_layers_keep_names_and_losses(mode: str) -> None:
     want_loss, want = step(eager, IDS)
     built = build(mode, "lora")
     keys = list(built.module.state_dict())
-    apply_compile(built.layers, device_type="cpu", backend="aot_eager")
+    graphs = []
+
+    def counting_aot_eager(gm, example_inputs):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    apply_compile(built.layers, device_type="cpu", backend=counting_aot_eager)
     assert list(built.module.state_dict()) == keys
-    assert all(m._compiled_call_impl is not None for m in built.layers)
+    if mode == "offload":  # the forward inside the checkpoint is compiled, the layer's __call__ is not
+        assert all(m._gradient_checkpointing_func._backend is counting_aot_eager for m in built.layers)
+    else:
+        assert all(m._compiled_call_impl is not None for m in built.layers)
     loss, grads = step(built, IDS)
+    # The layers' compute really went through dynamo (a graph break at the offload hooks would leave
+    # the whole layer eager: no graph at all), and the 4 layers share graphs (selective: one for the
+    # checkpointed layers, one for the others, plus a recompile on the first layer's guards).
+    assert 1 <= len(graphs) <= 3 and all(len(g.graph.nodes) > 2 for g in graphs), [len(g.graph.nodes) for g in graphs]
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     for n, g in grads.items():
         torch.testing.assert_close(g, want[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")

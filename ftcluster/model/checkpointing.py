@@ -227,8 +227,22 @@ class OffloadingCheckpoint:
 
     def __init__(self, *, offloader: ActivationOffloader) -> None:
         self.offloader = offloader
+        self._backend: Any = None
+        self._compiled: dict[Any, Callable[..., Any]] = {}
+
+    def compile(self, *, backend: Any) -> None:
+        """model.compile under offload: compile the layer's forward inside the checkpoint. Dynamo
+        cannot trace `saved_tensors_hooks` (it breaks the graph there and runs the whole layer
+        eagerly), so the layer's compiled `__call__` would gain nothing; the forward transformers
+        hands us (`partial(forward, layer, **kwargs)`) is the same function for every layer, so one
+        compiled graph serves them all."""
+        self._backend = backend
 
     def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
+        if self._backend is not None and isinstance(function, functools.partial):
+            if function.func not in self._compiled:
+                self._compiled[function.func] = torch.compile(function.func, backend=self._backend)
+            function = functools.partial(self._compiled[function.func], *function.args, **function.keywords)
         before = self.offloader.stats.offloaded
         with torch.autograd.graph.saved_tensors_hooks(self.offloader.pack, self.offloader.unpack):
             out = checkpoint(function, *args, use_reentrant=False)

@@ -6,7 +6,9 @@ checkpoints, export and the FSDP2/DeepSpeed state dicts see the same names. Per 
 the whole model (torchtitan's choice): the decoder layers are identical, so one graph is compiled
 and reused by all of them, and FSDP2's per-layer `fully_shard` (applied after this) keeps its hooks
 at layer boundaries, where dynamo leaves them to run eagerly. Applied after activation
-checkpointing: the compiled call includes the checkpointed forward.
+checkpointing: the compiled call includes the checkpointed forward (dynamo traces
+torch.utils.checkpoint as one higher-order op); under `offload` the forward inside the checkpoint
+is what is compiled (ftcluster/model/checkpointing.py `OffloadingCheckpoint.compile`).
 
 On a CPU rank the layers stay eager (a warning, once): inductor's CPU backend needs a C++ toolchain
 and takes most of a minute to compile even the tiny model, for no gain a CPU run is for. Tests use
@@ -15,6 +17,7 @@ and takes most of a minute to compile even the tiny model, for no gain a CPU run
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,14 +30,22 @@ def compile_backend(*, device_type: str) -> str | None:
     return "inductor" if device_type == "cuda" else None
 
 
-def apply_compile(layers: list[nn.Module], *, device_type: str, backend: str | None = None) -> None:
-    """Compile every decoder layer in place (`backend`: default `compile_backend(device_type)`)."""
+def apply_compile(layers: list[nn.Module], *, device_type: str, backend: Any = None) -> None:
+    """Compile every decoder layer in place (`backend`: a torch.compile backend, default
+    `compile_backend(device_type)`). Under `offload` the layer's forward inside the checkpoint is
+    compiled instead of its `__call__` (dynamo cannot trace the offload's saved-tensor hooks)."""
     backend = backend or compile_backend(device_type=device_type)
     if backend is None:
         log.warning("model.compile: not on a GPU (%s ranks); the decoder layers run eagerly", device_type)
         return
+    from ftcluster.model.checkpointing import OffloadingCheckpoint
+
     for layer in layers:
-        layer.compile(backend=backend)
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if layer.gradient_checkpointing and isinstance(func, OffloadingCheckpoint):
+            func.compile(backend=backend)  # inside the checkpoint: see OffloadingCheckpoint.compile
+        else:
+            layer.compile(backend=backend)
 
 
 def compile_device_type() -> str:
