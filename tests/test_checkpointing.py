@@ -46,10 +46,12 @@ def step(built, ids):  # type: ignore[no-untyped-def]
 IDS = torch.randint(6, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("peft", ["none", "lora", "qlora", "longlora"])
 def test_modes_give_the_same_loss_and_gradients(peft: str) -> None:
     """Recompute (and the offloaded copy) changes nothing numerically: the loss and every trainable
-    gradient equal the no-checkpointing run, with LoRA dropout on (the recompute replays the RNG)."""
+    gradient equal the no-checkpointing run, with LoRA dropout on (the recompute replays the RNG);
+    for a full fine-tune, LoRA, QLoRA (NF4 base dequantised again in the recompute) and LongLoRA
+    (S2-Attn: shifted groups, trainable embeddings and norms)."""
     want_loss, want = step(build("none", peft), IDS)
     assert len(want) > 10 and all(g.abs().sum() > 0 for g in want.values())
     for mode in MODES[1:]:
