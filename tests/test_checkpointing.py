@@ -344,3 +344,77 @@ def test_fsdp2_engine_two_ranks_modes_and_compiled_layers_match_none(tmp_path: P
             assert out[f"{mode}_graphs"] and max(out[f"{mode}_graphs"]) > 20, out[f"{mode}_graphs"]  # not eager
         for (loss, norm), (wl, wn) in zip(out[mode], want):
             assert loss == pytest.approx(wl, rel=1e-5) and norm == pytest.approx(wn, rel=1e-4), (mode, out[mode], want)
+
+
+class MockCudaStream:
+    """MOCK of a CUDA stream and its events (this box has no GPU): records the calls made on it,
+    so the order of the offload's stream operations can be checked."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: "MockCudaStream") -> None:
+        self.log.append(f"{self.name} waits {other.name}")
+
+    def record_event(self) -> str:
+        self.log.append(f"{self.name} records event")
+        return f"event@{self.name}"
+
+    def wait_event(self, event: str) -> None:
+        self.log.append(f"{self.name} waits {event}")
+
+
+def test_cuda_copies_order_their_stream_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_CudaCopies` with CUDA streams, events and pinned memory MOCKED (no GPU here): in forward the
+    side stream waits for the compute stream before copying the layer input out, and the input is
+    marked used by the side stream (record_stream) so its memory is not reused before the copy; in
+    backward the device buffer is allocated on the compute stream, the side stream waits for it
+    before copying in, and the compute stream (not the host) waits on the copy's event. No call
+    that blocks the host is made (every copy non_blocking)."""
+    import contextlib
+
+    from ftcluster.model import checkpointing as ck
+
+    log: list = []
+    compute, streams = MockCudaStream("compute", log), []
+    current = [compute]
+
+    def new_stream(device):  # type: ignore[no-untyped-def]
+        streams.append(MockCudaStream("side", log))
+        return streams[-1]
+
+    @contextlib.contextmanager
+    def on(stream):  # type: ignore[no-untyped-def]
+        current.append(stream)
+        yield
+        current.pop()
+
+    real_empty = torch.empty
+
+    def empty(shape, *, dtype, device=None, pin_memory=False):  # type: ignore[no-untyped-def]
+        log.append(f"alloc {'pinned host' if pin_memory else device} on {current[-1].name}")
+        return real_empty(shape, dtype=dtype)
+
+    real_copy = torch.Tensor.copy_
+
+    def copy_(self, src, non_blocking=False):  # type: ignore[no-untyped-def]
+        log.append(f"copy on {current[-1].name} non_blocking={non_blocking}")
+        return real_copy(self, src)
+
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(ck.torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(f"input used by {s.name}"))
+    copies = ck._CudaCopies(torch.device("cuda", 0))
+    x = torch.randn(2, 3)
+    host = copies.to_host(x)
+    assert log == ["side waits compute", "alloc pinned host on compute", "copy on side non_blocking=True",
+                   "input used by side"]
+    log.clear()
+    dev, ready = copies.to_device(host, torch.device("cuda", 0))
+    copies.wait(ready)
+    assert log == ["alloc cuda:0 on compute", "side waits compute", "copy on side non_blocking=True",
+                   "side records event", "compute waits event@side"]
+    assert torch.equal(dev, x) and len(streams) == 1
