@@ -164,8 +164,11 @@ class ModelConfig:
     `auto` (default): on where liger-kernel is installed, the ranks run on CUDA and Liger has
     kernels for the model type; `true` insists (a clear error otherwise); `false`: never."""
     compile: bool = False
-    """torch.compile each decoder layer (after PEFT and checkpointing, before sharding): fuses the
-    LoRA update, dropout and elementwise ops. GPU only; the first steps pay the compile time."""
+    """torch.compile each decoder layer in place (after PEFT and checkpointing, before sharding;
+    parameter names unchanged): fuses the LoRA update, dropout and elementwise ops. GPU only: on a
+    CPU rank the layers stay eager (one warning). Under train.activation_checkpointing=offload the
+    layer's forward inside the checkpoint is compiled (ftcluster/model/compile.py). The first steps
+    pay the compile time."""
 
     def validate(self) -> None:
         """Value checks only; that `path`/`tokenizer` exist and the context check against a model
@@ -824,7 +827,8 @@ class TrainConfig:
     on a side stream), or `auto` (default): the fastest that fits the plan and the GPU's free memory
     (or train.memory_budget_gib); `none` on a CPU. `true`/`false` mean `full`/`none`."""
     activation_checkpointing_every: Optional[int] = None
-    """`selective`: recompute every k-th decoder layer (k=1 is `full`). Unset: 2, or the plan's
+    """`selective`: recompute every k-th decoder layer, counting from the first: layers 0, k, 2k, ...
+    (index % k == 0; k=1 is `full`); the others keep their activations. Unset: 2, or the plan's
     choice under `auto`."""
     memory_budget_gib: Optional[float] = None
     """GPU memory (GiB per rank) the auto layout must fit; unset: the GPU's free memory at start.

@@ -2,7 +2,8 @@
 
 Order (each step's constraint in its docstring): transformers config -> model on the meta device
 (attention implementation and Liger kernels chosen here) -> decoder layers found once -> PEFT
-transform -> activation checkpointing -> `TrainModule` (the model plus the objective's loss head).
+transform -> activation checkpointing (ftcluster/model/checkpointing.py) -> per-layer torch.compile
+(ftcluster/model/compile.py) -> `TrainModule` (the model plus the objective's loss head).
 Then `parallelize` shards it and materialises the local shards (ftcluster/model/weights.py); no
 rank ever holds a full copy of the model. Used alike by training, export, tests and benchmarks.
 """
@@ -16,7 +17,10 @@ import torch.nn as nn
 from ftcluster.attention import register_s2_attention
 from ftcluster.config import JobConfig, ModelConfig, ac_mode, tri_state
 from ftcluster.data.batch import Batch
+from ftcluster.layout import DEFAULT_SELECTIVE_EVERY
 from ftcluster.longlora import S2_ATTN, apply_s2_group_size, apply_trainable_modules
+from ftcluster.model.checkpointing import apply_activation_checkpointing
+from ftcluster.model.compile import apply_compile, compile_device_type
 from ftcluster.model.packed import packed_attn_implementation, packed_hidden
 from ftcluster.objectives import Objective, build_objective
 from ftcluster.quant import logical_numel
@@ -181,9 +185,15 @@ def build_module(job: JobConfig, *, objective: Objective | None = None, packed: 
         module = TrainModule(model=hf_model, hf_model=hf_model, objective=objective or build_objective(job))
         return BuiltModule(module=module, hf_model=hf_model, layers=layers, counts=count_params(module))
     trained = apply_peft(hf_model, job, layers=layers)
-    if ac_mode(job.train.activation_checkpointing) not in ("auto", "none"):  # auto: resolved by layout.py before training
-        # Per decoder layer, before sharding; non-reentrant so frozen inputs need no grad hack.
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mode = ac_mode(job.train.activation_checkpointing)
+    if mode != "auto":  # auto: resolved by layout.py before training (a module built outside it: none)
+        # After PEFT (the layers hold their adapters), before compile and sharding.
+        apply_activation_checkpointing(hf_model, layers=layers, mode=mode,
+                                       every=job.train.activation_checkpointing_every or DEFAULT_SELECTIVE_EVERY)
+    if job.model.compile:
+        # After checkpointing (the compiled call includes the checkpointed forward), before sharding
+        # (torchtitan's order: FSDP2 hooks are added to the compiled layers).
+        apply_compile(layers, device_type=compile_device_type())
     module = TrainModule(model=trained, hf_model=hf_model, objective=objective or build_objective(job))
     return BuiltModule(module=module, hf_model=hf_model, layers=layers, counts=count_params(module))
 
