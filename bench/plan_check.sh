@@ -69,8 +69,8 @@ python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-rows, lines = [], ["| # | config | predicted reserved GiB | measured reserved GiB | error % | predicted allocated GiB | measured allocated GiB | error % |",
-                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+rows, lines = [], ["| # | config | steps | predicted reserved GiB | measured reserved GiB | error % | predicted allocated GiB | measured allocated GiB | error % |",
+                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 def err(p, m):
     return f"{100 * (p - m) / m:+.1f}" if p is not None and m else "n/a"
 def f(x):
@@ -86,7 +86,7 @@ for d in sorted((p for p in out.iterdir() if p.is_dir() and (p / "overrides.txt"
     cfg = " ".join((d / "overrides.txt").read_text().split())
     rows.append({"run": d.name, "overrides": cfg, "predicted_reserved_gib": pr, "measured_reserved_gib": res,
                  "predicted_allocated_gib": pa, "measured_allocated_gib": alloc, "steps": len(steps)})
-    lines.append(f"| {d.name.split('-')[0]} | `{cfg}` | {f(pr)} | {f(res)} | {err(pr, res)} | {f(pa)} | {f(alloc)} | {err(pa, alloc)} |")
+    lines.append(f"| {d.name.split('-')[0]} | `{cfg}` | {len(steps)} | {f(pr)} | {f(res)} | {err(pr, res)} | {f(pa)} | {f(alloc)} | {err(pa, alloc)} |")
 errs = [abs(r["predicted_reserved_gib"] - r["measured_reserved_gib"]) / r["measured_reserved_gib"]
         for r in rows if r["predicted_reserved_gib"] and r["measured_reserved_gib"]]
 if errs:
