@@ -86,8 +86,13 @@ def apply_activation_checkpointing(hf_model: nn.Module, *, layers: list[nn.Modul
         layer.gradient_checkpointing = i in chosen
         if i in chosen:
             layer._gradient_checkpointing_func = func
-    # No enable_input_require_grads: non-reentrant checkpoint needs no grad on the layer input
-    # (reentrant did, for a LoRA run's frozen embedding output).
+    if chosen:
+        # As transformers' gradient_checkpointing_enable does (and this code did through it before):
+        # the embedding output requires grad even when the embedding is frozen (LoRA). Non-reentrant
+        # checkpoint does not need it, but DeepSpeed ZeRO-3's per-module release hooks order
+        # themselves on the layer inputs' gradients (ftcluster/parallel/deepspeed.py); the cost is
+        # the first layer's input gradient (1/num_layers of the input-gradient work).
+        hf_model.enable_input_require_grads()
     return offloader
 
 
