@@ -781,6 +781,8 @@ LAUNCHER_SCHEMAS: dict[str, type] = {"local": LocalLauncherConfig, "ray": RayLau
 TRAIN_DTYPES = ("bf16", "fp32")
 AC_MODES = ("none", "selective", "full", "offload")
 """Activation checkpointing modes (train.activation_checkpointing), cheapest in memory last."""
+DEFAULT_SELECTIVE_EVERY = 2
+"""`selective` without train.activation_checkpointing_every: every 2nd layer recomputed."""
 
 
 def ac_mode(value: Any, key: str = "train.activation_checkpointing") -> str:

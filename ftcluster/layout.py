@@ -18,15 +18,13 @@ import importlib.util
 import math
 from typing import Any, Optional
 
-from ftcluster.config import AUTO, ConfigError, JobConfig, ac_mode, tri_state
+from ftcluster.config import AUTO, DEFAULT_SELECTIVE_EVERY, ConfigError, JobConfig, ac_mode, tri_state
 
 DEFAULT_PER_RANK_BATCH = 8
 """Sequences per rank per micro-batch when neither train.global_batch_size (or _tokens) nor
 train.micro_batch_size is set (the old default micro-batch of 8): the global batch is then
 8 x grad_accum x world size, the same as before `auto` existed."""
 
-DEFAULT_SELECTIVE_EVERY = 2
-"""`selective` without train.activation_checkpointing_every: every 2nd layer recomputed."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -408,6 +408,22 @@ def _activations(job: JobConfig, *, shape: Shape, layers: int, tokens: int, mode
     return acts, host, per_layer
 
 
+def _reference_copy_bytes(job: JobConfig, table: ParamTable, *, ws: int, c: int) -> int:
+    """DPO with objective.reference=model: a frozen copy of the whole model in the compute dtype,
+    sharded like the trained one (FSDP2: dim-0 shards; ZeRO-3: per-parameter partitions; ZeRO-1/2:
+    whole on every rank). It runs without autograd, so it adds no activations. The other
+    references (adapters disabled, precomputed log-probs) cost no GPU memory of their own."""
+    if job.objective.kind != "dpo" or job.objective.reference_source(job.peft.method) != "model":
+        return 0
+    params = [*table.root, *(table.layer * table.num_layers)]
+    # The base model's parameters: all of a full fine-tune's; the frozen ones of an adapter run
+    # (LoRA's A/B are not in the copy). `logical` counts an NF4 weight as out x in (the copy is
+    # not quantised). Per-rank share: about 1/ws of each (dim-0 padding ignored here).
+    base = params if job.peft.method == "none" else [p for p in params if not p.trainable]
+    share = ws if job.parallel.backend in ("fsdp2", "zero3") else 1
+    return _sum(base, lambda p: -(-p.logical // share) * c)
+
+
 def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_size: int,
                 activation_checkpointing: str, activation_checkpointing_every: int, liger: bool) -> MemoryPlan:
     """Per-rank bytes of `job` at this layout (values given are taken as they are: no `auto`)."""
@@ -415,13 +431,16 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
     table = param_table(job)
     shape = model_shape(job)
     c = 2 if job.train.dtype == "bf16" else 4
-    T = micro_batch_size * job.data.max_seq_len
+    # DPO: a micro-batch of `micro_batch_size` pairs is one forward over chosen and rejected rows.
+    rows = 2 * micro_batch_size if job.objective.kind == "dpo" else micro_batch_size
+    T = rows * job.data.max_seq_len
     ws = world_size
     state = (_fsdp2_state if job.parallel.backend == "fsdp2" else _zero_state)(job, table, ws=ws, c=c)
+    reference = _reference_copy_bytes(job, table, ws=ws, c=c)
     acts, act_host, per_layer = _activations(job, shape=shape, layers=table.num_layers, tokens=T, mode=mode,
                                              every=activation_checkpointing_every, liger=liger)
     logits = _loss_bytes(job, shape=shape, tokens=T, liger=liger)
-    gpu = state.frozen + state.trainable + state.grads + state.optimizer + acts + logits + state.comm
+    gpu = state.frozen + state.trainable + state.grads + state.optimizer + acts + logits + state.comm + reference
     slack = int(CALIBRATION["slack_fraction"] * gpu + CALIBRATION["slack_fixed_gib"] * GIB
                 + (CALIBRATION["slack_multi_rank_gib"] * GIB if ws > 1 else 0))
     all_params = [*table.root, *(table.layer * table.num_layers)]
@@ -436,9 +455,9 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
         "params_trainable": _sum([p for p in all_params if p.trainable], lambda p: p.logical),
         "layers": table.num_layers, "tokens_per_micro_batch": T,
         "activation_bytes_per_layer": sum(per_layer.values()), "activation_bytes_per_layer_by_op": per_layer,
-        "checkpoint_bytes_per_layer": T * c * shape.hidden, "allocated": gpu,
+        "checkpoint_bytes_per_layer": T * c * shape.hidden, "allocated": gpu, "reference_copy": reference,
     }
-    return MemoryPlan(frozen_weights=state.frozen, trainable_weights=state.trainable, grads=state.grads,
+    return MemoryPlan(frozen_weights=state.frozen + reference, trainable_weights=state.trainable, grads=state.grads,
                       optimizer=state.optimizer, activations=acts, logits=logits, comm_buffers=state.comm,
                       slack=slack, host_bytes=host, detail=detail)
 

@@ -314,3 +314,26 @@ def test_cli_bad_override_exits_2_naming_the_key() -> None:
     p = run_cli("plan", "data=synthetic", "train.activation_checkpointing=sometimes", cwd=REPO, timeout=120)
     assert p.returncode == 2
     assert "train.activation_checkpointing" in p.stderr
+
+
+def test_dpo_pairs_count_two_rows_and_a_reference_model_adds_a_frozen_copy() -> None:
+    """DPO's micro-batch of n pairs is one forward over 2n rows (H200, bench/dpo_8b.sh: SFT at 2 rows
+    and DPO at 1 pair both peaked at 24.41 GiB allocated); objective.reference=model adds a frozen
+    copy of the model sharded like the trained one (full fine-tune only), the other references none."""
+    tok = f"model.tokenizer={REPO / 'ftcluster' / 'assets' / 'tiny-llama'}"
+    common = ("model=llama3_8b", tok, "data=sample_preferences", "data.max_seq_len=2048", "model.liger=false")
+    kw = dict(world_size=1, activation_checkpointing="full", activation_checkpointing_every=1, liger=False)
+    sft = plan_memory(compose_job(*common, "peft=lora"), micro_batch_size=2, **kw)
+    dpo = plan_memory(compose_job(*common, "peft=lora", "objective=dpo"), micro_batch_size=1, **kw)
+    assert dpo.activations == sft.activations and dpo.detail["reference_copy"] == 0
+    assert dpo.detail["allocated"] / GIB == pytest.approx(24.41, rel=0.05)
+    full = dict(kw, world_size=8)
+    plain = plan_memory(compose_job(*common, "peft=none", "objective=dpo", "objective.reference=precompute"),
+                        micro_batch_size=1, **full)
+    with_copy = plan_memory(compose_job(*common, "peft=none", "objective=dpo", "objective.reference=model"),
+                            micro_batch_size=1, **full)
+    copy = with_copy.detail["reference_copy"]
+    assert plain.detail["reference_copy"] == 0
+    # about 8.03B parameters in bf16 over 8 ranks
+    assert copy / GIB == pytest.approx(8.03e9 * 2 / 8 / GIB, rel=0.02)
+    assert with_copy.total > plain.total + copy * 0.99

@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 
 from ftcluster.attention import register_s2_attention
-from ftcluster.config import JobConfig, ModelConfig, ac_mode, tri_state
+from ftcluster.config import DEFAULT_SELECTIVE_EVERY, JobConfig, ModelConfig, ac_mode, tri_state
 from ftcluster.data.batch import Batch
-from ftcluster.layout import DEFAULT_SELECTIVE_EVERY
 from ftcluster.longlora import S2_ATTN, apply_s2_group_size, apply_trainable_modules
 from ftcluster.model.checkpointing import apply_activation_checkpointing
 from ftcluster.model.compile import apply_compile, compile_device_type
