@@ -230,8 +230,8 @@ class filter_forwarded_output:
         self._log: TextIO | None = None
 
     def __enter__(self) -> "filter_forwarded_output":
-        if is_verbose(self.level):
-            return self
+        if is_verbose(self.level) or isinstance(sys.stdout, ForwardedFilter):
+            return self  # verbose, or already inside a filter (re-entrant: the outer one restores)
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._log = open(self.run_dir / "logs" / DRIVER_LOG, "a")
         self._saved = (sys.stdout, sys.stderr)

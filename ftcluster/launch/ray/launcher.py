@@ -37,11 +37,14 @@ def launch(job: JobConfig, run_dir: Path) -> int:
               "authentication by default: export RAY_AUTH_MODE=token and give this host the cluster's token "
               "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN).", file=sys.stderr)
         return 1
-    try:
-        return _run(job, run_dir, cfg)
-    finally:
-        if started_here:
-            ray.shutdown()
+    # The filter spans the shutdown too: Ray's own actors (the placement-group cleaner's "Failed to
+    # query Ray Train Controller actor state") may forward a line after the workers finished.
+    with filter_forwarded_output(run_dir, level=job.log.level):
+        try:
+            return _run(job, run_dir, cfg)
+        finally:
+            if started_here:
+                ray.shutdown()
 
 
 def _connect(cfg: RayLauncherConfig, *, run_dir: Path, level: str) -> bool:
