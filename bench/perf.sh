@@ -15,6 +15,11 @@
 # (.whl without ray; nothing here needs Ray) and .uns. On the device, from the repo root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_lite/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD; export TORCH_CUDA_ARCH_LIST=9.0; bash bench/perf.sh
+# Whole, it runs past the device's 10-minute limit (2026-12-02: the peers alone took 300 s): run
+# PART=peers and then PART=ours as two commands on the same warm machine, with the same $OUT
+# contents copied back between them, or keep both under 10 minutes with MAIN_STEPS/SHORT_STEPS.
+# Unsloth needs a tokenizer whose vocabulary covers the model's 128,256 ids (UNS_TOKENIZER; the
+# embedded tiny one, 1,024 tokens, probably caused a device-side assert there).
 # It writes $OUT/perf.md (the table and the target checks) and prints it; paste it into
 # bench/RESULTS.md. tokens/s: ours = median of the logged steps after warm-up (bench/summarize.py
 # --skip), the peers' = their timed window. CPU check of the command lines (tiny model, no peers):
@@ -27,11 +32,13 @@ if [ "${TINY:-0}" = 1 ]; then
 else
   MODEL=(model=llama3_8b); SEQ=4096; MAIN=${MAIN_STEPS:-20}; SHORT=${SHORT_STEPS:-10}; SKIP=3
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
+if [ "${TINY:-0}" != 1 ] && [ "${PART:-all}" != ours ]; then
   (cd "$OUT" && OUT="$OUT" timeout 300 python3 "$OLDPWD/.peer/peer_lora.py" lora4k lora4k_noac_liger_mbs2 \
      lora4k_noac_liger_mbs4 qlora4k 2>&1 | grep SUMMARY)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_uns .uns/*.whl \
     .whl_lite/bitsandbytes-*.whl 2>/dev/null
-  (cd "$OUT" && OUT="$OUT" PYTHONPATH=/tmp/site_uns timeout 330 python3 "$OLDPWD/.uns/unsloth_peer.py" "$TOK" \
+  (cd "$OUT" && OUT="$OUT" PYTHONPATH=/tmp/site_uns timeout 330 python3 "$OLDPWD/.uns/unsloth_peer.py" "${UNS_TOKENIZER:-$TOK}" \
      uns_gc_mb1 uns_nogc_mb4 2>&1 | grep '^{')
 fi
 common=("${MODEL[@]}" peft=lora data=synthetic data.synthetic_samples=512 data.max_seq_len=$SEQ train.global_batch_size=8
@@ -41,10 +48,12 @@ ours() {  # ours NAME STEPS OVERRIDES...
   timeout 420 python3 -m ftcluster train "${common[@]}" train.max_steps="$steps" run.dir="$OUT/$name" "$@" 2>&1 \
     | grep -E "^  memory|^              auto|^step $steps/|rror" | head -12
 }
-ours ours_auto "$MAIN"
-ours ours_budget17 "$SHORT" train.memory_budget_gib=17 | tee "$OUT/budget17.txt"
-ours ours_budget24 "$SHORT" train.memory_budget_gib=24
-ours ours_qlora_auto "$SHORT" peft=qlora
+if [ "${PART:-all}" != peers ]; then
+  ours ours_auto "$MAIN"
+  ours ours_budget17 "$SHORT" train.memory_budget_gib=17 | tee "$OUT/budget17.txt"
+  ours ours_budget24 "$SHORT" train.memory_budget_gib=24
+  ours ours_qlora_auto "$SHORT" peft=qlora
+fi
 python3 - "$OUT" "$SKIP" <<'PY'
 import json, statistics, sys
 from pathlib import Path
