@@ -30,7 +30,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, ov, ws, mb, mode, liger, alloc, res in RECORDED:
         try:
-            job = compose_job(*S, *ov)
+            # Every FSDP2 row was measured while FSDP2 still sharded the frozen base at one rank.
+            fsdp2 = not any(o.startswith("parallel=zero") for o in ov)
+            job = compose_job(*S, *ov, *(("parallel.shard_frozen=true",) if fsdp2 else ()))
         except Exception as e:  # noqa: BLE001 - a row the schema refuses is reported, not fatal
             print(f"| {name} | {alloc} | - | - | {res or '-'} | - | {e} |")
             continue

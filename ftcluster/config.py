@@ -515,8 +515,21 @@ class FSDP2Config:
     ranks when the trainable parameters are at most 5% of the model (adapter runs), where that
     memory is small; on CPU ranks the per-micro-batch reduction is kept (same sums, same order as
     without accumulation)."""
+    shard_frozen: str = AUTO
+    """Shard the frozen parameters (an adapter run's base weights, QLoRA's NF4 state) across the
+    ranks like the trained ones (`true`), or leave them whole on every rank and outside FSDP2
+    (`false`: no per-layer all-gather of them at all, at the cost of a whole frozen model per
+    rank). `auto` (default): shard them when there are several ranks; at world size 1 leave them
+    out, since a one-way "shard" still copies every layer into FSDP2's all-gather buffers each
+    forward and backward (2.8 GiB and two copies of the weights per step for an 8B model)."""
+
+    def shards_frozen(self, *, world_size: int) -> bool:
+        """`shard_frozen` resolved for this world size (the engine and the plan both read it here)."""
+        choice = tri_state(self.shard_frozen, "parallel.shard_frozen")
+        return world_size > 1 if choice is None else choice
 
     def validate(self) -> None:
+        tri_state(self.shard_frozen, "parallel.shard_frozen")
         _require(self.backend == FSDP2_BACKEND, "parallel.backend", f"must be {FSDP2_BACKEND!r} for this schema; got {self.backend!r}")
         _one_of(self.reduce_dtype, "parallel.reduce_dtype", REDUCE_DTYPES)
         _require(self.defer_grad_sync in (True, False, "auto"), "parallel.defer_grad_sync",

@@ -311,15 +311,19 @@ def _fsdp2_state(job: JobConfig, table: ParamTable, *, ws: int, c: int) -> _Stat
     L = table.num_layers
     all_params = [*table.root, *(table.layer * L)]
     local = lambda p: fsdp_local_numel(p.shape, ws)  # noqa: E731
+    # parallel.shard_frozen (parallel/fsdp.py): frozen parameters outside FSDP2 stay whole on the
+    # rank and are used in place (no all-gather buffer); sharded ones take their padded shard.
+    sharded = lambda p: p.trainable or (job.parallel.shards_frozen(world_size=ws) or job.parallel.cpu_offload)  # noqa: E731
     s = _State()
-    s.frozen = _sum([p for p in all_params if not p.trainable], lambda p: local(p) * p.bytes_per_elt)
+    s.frozen = _sum([p for p in all_params if not p.trainable],
+                    lambda p: (local(p) if sharded(p) else _numel(p.shape)) * p.bytes_per_elt)
     s.trainable = _sum([p for p in all_params if p.trainable], lambda p: local(p) * 4)
     s.grads = s.trainable  # fp32 sharded gradients
     s.optimizer = 2 * s.trainable  # AdamW: two fp32 moments per local trainable element
     # All-gathered layers in the compute dtype: the current and the prefetched one; the root's
-    # group (embeddings, head) stays gathered from its forward through its backward. At world
-    # size 1 FSDP2 still copies into its all-gather buffers (bench/RESULTS.md issue 2: +2 GiB).
-    s.comm = 2 * _gathered(table.layer, c) + _gathered(table.root, c)
+    # group (embeddings, head) stays gathered from its forward through its backward. Even at world
+    # size 1 FSDP2 copies what it shards into its all-gather buffers (bench/RESULTS.md issue 2: +2 GiB).
+    s.comm = 2 * _gathered([p for p in table.layer if sharded(p)], c) + _gathered([p for p in table.root if sharded(p)], c)
     # The reduce-scatter input of one layer's gradients (reduce dtype) while the next computes.
     reduce_bytes = 4 if job.parallel.reduce_dtype == "fp32" else 2
     s.comm += 2 * _sum([p for p in table.layer if p.trainable], lambda p: _numel(p.shape)) * reduce_bytes
@@ -377,7 +381,7 @@ def _zero_state(job: JobConfig, table: ParamTable, *, ws: int, c: int) -> _State
     return s
 
 
-def _gathered(params: tuple[Param, ...], c: int) -> int:
+def _gathered(params, c: int) -> int:  # type: ignore[no-untyped-def]
     """Bytes of these parameters all-gathered for compute (trainable ones cast to the compute dtype)."""
     return _sum(params, lambda p: _numel(p.shape) * (c if p.trainable else p.bytes_per_elt))
 

@@ -60,6 +60,7 @@ class Engine:
         if not layers:
             raise ValueError("no decoder layers to shard")
         self._reshard_after_forward = job.parallel.reshard_after_forward
+        kw["ignored_params"] = unsharded_frozen_params(module, job=job, world_size=dist.world_size)
         for layer in layers:
             fully_shard(layer, reshard_after_forward=job.parallel.reshard_after_forward, **kw)
         fully_shard(module, **kw)
@@ -190,6 +191,7 @@ class FrozenEngine:
         mesh = init_device_mesh(dist.device_type, (dist.world_size,))
         offload = CPUOffloadPolicy() if job.parallel.cpu_offload else None  # as the trained copy
         kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=None),  # already in compute dtype
+              "ignored_params": unsharded_frozen_params(module, job=job, world_size=dist.world_size),
               **({"offload_policy": offload} if offload else {})}
         for layer in layers:
             fully_shard(layer, **kw)  # resharded after each forward: one gathered layer at a time
@@ -200,6 +202,16 @@ class FrozenEngine:
     @torch.no_grad()
     def eval_forward(self, batch: Batch) -> torch.Tensor:
         return self.module(batch)
+
+
+def unsharded_frozen_params(module: nn.Module, *, job: JobConfig, world_size: int) -> set[nn.Parameter]:
+    """The parameters FSDP2 leaves alone (`ignored_params`): none, or every frozen one when they are
+    not sharded. Ignored parameters stay plain tensors, whole on every rank, in the compute dtype;
+    the forward uses them in place (no all-gather buffer, no copy) and they get no gradient, so
+    nothing has to reduce them. CPU offload keeps them sharded (offload moves FSDP2's shards)."""
+    if job.parallel.shards_frozen(world_size=world_size) or job.parallel.cpu_offload:
+        return set()
+    return {p for p in module.parameters() if not p.requires_grad}
 
 
 def shard_view(param: torch.Tensor) -> LocalSlice:
