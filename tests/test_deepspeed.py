@@ -61,6 +61,41 @@ def test_zero3_lora_kill9_resume_identical_then_continue_on_one_rank(zero3_refer
     # The embedded model's 4 decoder layers are DeepSpeed leaf modules (one gather per layer).
     assert "ZeRO-3: parameters gathered per decoder layer (4 layers)" in (zero3_reference / "logs/rank0.log").read_text()
 
+    # The control for the 1-rank continuation below (the same checkpoint continued on 2 ranks, a
+    # copy of the reference) needs nothing of this run: it trains meanwhile.
+    two = tmp_path / "two"
+    shutil.copytree(zero3_reference, two)
+    longer = [a for a in ZERO3_LORA if not a.startswith("train.max_steps")] + ["train.max_steps=14"]
+    control_log = tmp_path / "control.txt"
+    with open(control_log, "w") as log:
+        control = subprocess.Popen([sys.executable, "-m", "ftcluster", "train", *longer, f"run.dir={two}"],
+                                   cwd=tmp_path, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _kill9_and_resume(zero3_reference, tmp_path, ref)
+        assert control.wait(timeout=600) == 0, control_log.read_text()[-4000:]
+    finally:
+        if control.poll() is None:
+            control.kill()
+    run = tmp_path / "X"
+
+    # The 2-rank checkpoint continues on 1 rank, to a larger max_steps: converted to DeepSpeed's
+    # universal format on the fly (no manual step). grad_accum=2 keeps the global batch (16 samples),
+    # so steps 13-14 must match the same checkpoint continued on 2 ranks (a copy of the reference).
+    one = [a for a in longer if not a.startswith("launcher.")] + ["launcher.nproc_per_node=1", "train.grad_accum=2"]
+    train_ok(*one, run=run, cwd=tmp_path)
+    r = events(run, "resume")[-1]
+    assert r["step"] == 12 and r["world_size"] == 1
+    got, want = losses(run), losses(two)
+    assert [got[s] for s in (13, 14)] == pytest.approx([want[s] for s in (13, 14)], rel=1e-4)
+    assert got[13] != got[12]  # it trained on, not replayed
+    assert committed_steps(run) == [12, 14]
+    assert json.loads((run / "checkpoints/step_14/meta.json").read_text())["world_size"] == 1
+    assert (run / "checkpoints/step_12/engine/universal/ds").is_dir()
+
+
+def _kill9_and_resume(zero3_reference: Path, tmp_path: Path, ref: dict[int, float]) -> None:
+    """The issue's job SIGKILLed (launcher and both ranks) after its step-8 checkpoint, then the same
+    command again: steps 9-12 are the uninterrupted run's, bit for bit."""
     run = tmp_path / "X"
     args = [sys.executable, "-m", "ftcluster", "train", *ZERO3_LORA, f"run.dir={run}"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -84,24 +119,6 @@ def test_zero3_lora_kill9_resume_identical_then_continue_on_one_rank(zero3_refer
     got = losses(run)
     assert [got[s] for s in range(9, 13)] == [ref[s] for s in range(9, 13)]  # bit-identical on CPU
     assert committed_steps(run) == [8, 12]
-
-    # The 2-rank checkpoint continues on 1 rank, to a larger max_steps: converted to DeepSpeed's
-    # universal format on the fly (no manual step). grad_accum=2 keeps the global batch (16 samples),
-    # so steps 13-14 must match the same checkpoint continued on 2 ranks (a copy of the reference).
-    two = tmp_path / "two"
-    shutil.copytree(zero3_reference, two)
-    longer = [a for a in ZERO3_LORA if not a.startswith("train.max_steps")] + ["train.max_steps=14"]
-    train_ok(*longer, run=two, cwd=tmp_path)
-    one = [a for a in longer if not a.startswith("launcher.")] + ["launcher.nproc_per_node=1", "train.grad_accum=2"]
-    train_ok(*one, run=run, cwd=tmp_path)
-    r = events(run, "resume")[-1]
-    assert r["step"] == 12 and r["world_size"] == 1
-    got, want = losses(run), losses(two)
-    assert [got[s] for s in (13, 14)] == pytest.approx([want[s] for s in (13, 14)], rel=1e-4)
-    assert got[13] != got[12]  # it trained on, not replayed
-    assert committed_steps(run) == [12, 14]
-    assert json.loads((run / "checkpoints/step_14/meta.json").read_text())["world_size"] == 1
-    assert (run / "checkpoints/step_12/engine/universal/ds").is_dir()
 
 
 @pytest.mark.slow

@@ -10,11 +10,14 @@
    part-way leads to checkpoint, requeue and resume (mode=ray); a plain scancel saves a checkpoint
    first (mode=torchrun); a failing job exits non-zero with its error in the run dir; a multirun
    submits one job per point. All jobs are submitted up front and run side by side; a background
-   thread sends the signals as soon as each job has logged a step.
+   thread signals each signalled job once it is ready for it (USR1: its batch shell has set its
+   trap; SIGTERM: a step is logged). Each wait's budget counts from when the job started (or was
+   queued), and a failure shows the job's state, the queue and the tails of its output.
 
 Wall time on a loaded 2-core box: the Slurm part takes 3-4 minutes (the Ray jobs dominate)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -25,6 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -327,19 +331,86 @@ def slurm() -> None:
     assert p.returncode == 0 and _slurm_up(), f"slurm/local-cluster.sh start failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
 
 
+RUN_S = 900
+"""How long a job may run (each run of it, from its StartTime) before a test gives up on it. The
+module's jobs share 2 oversubscribed CPUs with each other and with the other pytest worker: each
+Ray job alone takes ~1-2 min to log its first step there, so the budget counts from when the job
+really started, never from when it was submitted."""
+PENDING_S = 900
+"""How long a job may wait in the queue (from its SubmitTime, which a requeue resets)."""
+
+
+JOB_TEST_TIMEOUT_S = 2 * (PENDING_S + 2 * RUN_S)
+"""pytest-timeout for a test that waits on the module's jobs (the fixture's setup counts in the
+first one): above every budget a job's wait allows, so a slow job fails with job_report, not a
+timeout's stack dump."""
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (JobState, Reason, ExitCode, Restarts, SubmitTime, StartTime, ...)."""
+    p = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    return dict(re.findall(r"(\w+)=(\S+)", p.stdout))
+
+
 def job_state(job_id: str) -> tuple[str, str, int]:
     """(state, exit code 'rc:signal', restarts) from `scontrol show job`."""
-    p = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
-    f = dict(re.findall(r"(\w+)=(\S+)", p.stdout))
+    f = job_info(job_id)
     return f.get("JobState", "?"), f.get("ExitCode", "?"), int(f.get("Restarts", "0"))
 
 
-def wait_job(job_id: str, *, deadline: float) -> tuple[str, str, int]:
+def _since(stamp: str | None) -> float | None:
+    """Seconds since a Slurm time stamp (2026-12-02T10:12:52, this host's local time)."""
+    try:
+        return time.time() - time.mktime(time.strptime(stamp or "", "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def _tail(path: Path, lines: int) -> str:
+    if not path.is_file():
+        return f"--- {path}: missing"
+    return f"--- {path} (last {lines} lines):\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def job_report(job_id: str, run: Path | None) -> str:
+    """What a Slurm test failure shows: the job's state and times, the whole queue (who was running
+    beside it), the load, and the tails of the job's output and rank 0's log."""
+    f = job_info(job_id)
+    keys = ("JobState", "Reason", "ExitCode", "Restarts", "SubmitTime", "StartTime", "EndTime", "RunTime")
+    lines = ["job " + job_id + ": " + " ".join(f"{k}={f.get(k, '?')}" for k in keys)]
+    q = subprocess.run(["squeue", "-h", "-o", "%i %j %T %M %r"], capture_output=True, text=True, timeout=30)
+    lines += ["--- squeue (id name state time reason):", q.stdout.rstrip() or "(empty)",
+              f"--- load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}"]
+    if run is not None:
+        lines += [_tail(run / f"slurm/submit-1/slurm-{job_id}.out", 40), _tail(run / "logs/rank0.log", 15)]
+    return "\n".join(lines)
+
+
+def job_overdue(job_id: str, info: dict[str, str], *, run_s: float, pending_s: float) -> str | None:
+    """Why a job that has not ended is past its budget (None while it is not): running longer than
+    run_s since this run started, or queued longer than pending_s since it was (re)submitted."""
+    state = info.get("JobState", "?")
+    if state in ("RUNNING", "COMPLETING"):
+        ran = _since(info.get("StartTime"))
+        if ran is not None and ran > run_s:
+            return f"still {state} {ran:.0f} s after it started (budget {run_s:.0f} s)"
+    else:  # PENDING, REQUEUED, CONFIGURING, ...
+        waited = _since(info.get("SubmitTime"))
+        if waited is not None and waited > pending_s:
+            return f"still {state} {waited:.0f} s after it was submitted (budget {pending_s:.0f} s)"
+    return None
+
+
+def wait_job(job_id: str, *, run: Path | None = None, run_s: float = RUN_S,
+             pending_s: float = PENDING_S) -> tuple[str, str, int]:
+    """Wait for the job to end; past its budget (job_overdue), fail with job_report."""
     while True:
-        state = job_state(job_id)
+        info = job_info(job_id)
+        state = (info.get("JobState", "?"), info.get("ExitCode", "?"), int(info.get("Restarts", "0")))
         if state[0] in TERMINAL:
             return state
-        assert time.time() < deadline, f"job {job_id} still {state} at the deadline"
+        why = job_overdue(job_id, info, run_s=run_s, pending_s=pending_s)
+        assert why is None, f"job {job_id} {why}\n{job_report(job_id, run)}"
         time.sleep(1)
 
 
@@ -357,62 +428,106 @@ class Jobs:
         self.out: dict[str, str] = {}
         self.signalled: dict[str, int] = {}  # name -> the last logged step seen when the signal went
         self.errors: dict[str, list[str]] = {}  # job name -> what went wrong signalling it
-        self.deadline = time.time() + 480
+        self._threads: list[threading.Thread] = []
 
-    def submit(self, name: str, *args: str, run: Path | None = None) -> None:
-        run = run or self.root / name
-        p = run_cli("train", *args, f"run.dir={run}", cwd=self.root)
-        assert p.returncode == 0, explain(p)
-        ids = _job_ids(p.stdout)
-        assert ids, explain(p)
-        self.ids[name], self.runs[name], self.out[name] = ids[0], run, p.stdout
+    def submit(self, jobs: dict[str, list[str]]) -> dict[str, Callable[[], None]]:
+        """Start `ftcluster train <args> run.dir=<root>/<name>` for every job at once (each submission
+        is some CPU-seconds of imports: one after another, the last jobs would start a minute
+        later); returns, per job, the call that waits for its submission and records its id."""
+        procs = {name: subprocess.Popen([sys.executable, "-m", "ftcluster", "train", *args, f"run.dir={self.root / name}"],
+                                        cwd=self.root, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True) for name, args in jobs.items()}
 
-    def signal_after_first_step(self, name: str, scancel_args: list[str]) -> None:
+        def done(name: str) -> None:
+            out, err = procs[name].communicate(timeout=600)
+            p = subprocess.CompletedProcess(procs[name].args, procs[name].returncode, out, err)
+            assert p.returncode == 0 and _job_ids(out), explain(p)
+            self.ids[name], self.runs[name], self.out[name] = _job_ids(out)[0], self.root / name, out
+
+        return {name: functools.partial(done, name) for name in jobs}
+
+    def wait(self, name: str, **budget: float) -> tuple[str, str, int]:
+        return wait_job(self.ids[name], run=self.runs[name], **budget)
+
+    def signal_when(self, name: str, scancel_args: list[str], ready: str) -> None:
+        """A background thread sends `scancel <scancel_args>` to the job once it is ready: `ready` is
+        "trap" (its batch shell has set its signal traps: the job output's first line, which the
+        template prints after them) or "step" (a first step logged: the ranks' handlers are set).
+        What goes wrong is recorded with job_report for the test that checks the job."""
+        run, job_id = self.runs[name], self.ids[name]
+        out = run / f"slurm/submit-1/slurm-{job_id}.out"
+
+        def is_ready() -> bool:
+            if ready == "trap":
+                return out.is_file() and f"job {job_id} (run 0)" in out.read_text(errors="replace")
+            return bool(losses(run))
+
         def go() -> None:
+            t0 = time.time()
             try:
-                run, job_id = self.runs[name], self.ids[name]
-                while not losses(run):
-                    if time.time() > self.deadline or job_state(job_id)[0] in TERMINAL:
-                        self.errors.setdefault(name, []).append("no step logged before the job ended or the deadline")
+                while not is_ready():
+                    info = job_info(job_id)
+                    why = ("ended" if info.get("JobState") in TERMINAL else
+                           job_overdue(job_id, info, run_s=RUN_S, pending_s=PENDING_S))
+                    if why:
+                        self.errors.setdefault(name, []).append(
+                            f"not signalled: job {job_id} {why} before it was ready ({ready!r}), "
+                            f"{time.time() - t0:.0f} s after submission\n{job_report(job_id, run)}")
                         return
                     time.sleep(0.3)
-                self.signalled[name] = max(losses(run))
+                self.signalled[name] = max(losses(run), default=0)
                 subprocess.run(["scancel", *scancel_args, job_id], check=True, timeout=30)
             except Exception as e:  # noqa: BLE001 - reported by the test that needs it
-                self.errors.setdefault(name, []).append(repr(e))
+                self.errors.setdefault(name, []).append(f"{e!r}\n{job_report(job_id, run)}")
 
-        threading.Thread(target=go, daemon=True).start()
+        t = threading.Thread(target=go, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+
+USR1_STEPS = 12
+"""The requeue test's run: USR1 reaches its batch shell before the first step (as soon as the shell
+has set its trap), so the stop comes at the first log point (step 1) whatever the load, and the
+resumed run trains steps 2-12 (checkpoints every 6) for the comparison with an uninterrupted run."""
 
 
 @pytest.fixture(scope="module")
 def jobs(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Jobs:
     j = Jobs(tmp_path_factory.mktemp("slurm"))
-    # The issue's job (mode=ray, the default).
-    j.submit("done", *CPU_JOB, "train.max_steps=8", "checkpoint.every_steps=4")
-    # Long enough to be signalled part-way: USR1 to the batch shell -> checkpoint -> requeue -> resume.
-    j.submit("usr1", *CPU_JOB, "train.max_steps=200", "checkpoint.every_steps=100")
-    j.signal_after_first_step("usr1", ["--signal=USR1", "--batch"])
+    submitted = j.submit({
+        # The issue's job (mode=ray, the default).
+        "done": [*CPU_JOB, "train.max_steps=8", "checkpoint.every_steps=4"],
+        # USR1 to the batch shell -> checkpoint -> requeue -> resume (mode=ray).
+        "usr1": [*CPU_JOB, f"train.max_steps={USR1_STEPS}", f"checkpoint.every_steps={USR1_STEPS // 2}"],
+        # A plain scancel (SIGTERM to every process), once a step is logged (the ranks' handlers
+        # are set): best-effort checkpoint, then the end. 400 steps is only the margin for the
+        # signal to land (the job stops a step or two after its first one).
+        "term": [*CPU_JOB, "launcher.mode=torchrun", "train.max_steps=400", "checkpoint.every_steps=0"],
+        "fail": [*CPU_JOB, "launcher.mode=torchrun", "train.max_steps=4", "debug.fail_at_step=2", "debug.fail_rank=0"],
+        # A multirun: one job per point (run dirs sweep/0, sweep/1).
+        "sweep": ["-m", "optim.lr=1e-3,3e-3", *CPU_JOB, "launcher.mode=torchrun", "train.max_steps=2",
+                  "checkpoint.every_steps=2"],
+    })
+    submitted["done"]()
+    submitted["usr1"]()
+    j.signal_when("usr1", ["--signal=USR1", "--batch"], ready="trap")
     # A second submission to a run dir whose job still lives is refused (both would write its checkpoints).
-    again = run_cli("train", *CPU_JOB, "train.max_steps=200", f"run.dir={j.runs['usr1']}", cwd=j.root)
+    again = run_cli("train", *CPU_JOB, f"train.max_steps={USR1_STEPS}", f"run.dir={j.runs['usr1']}", cwd=j.root)
     j.out["usr1-again"] = f"{again.returncode}\n{again.stderr}"
-    # A plain scancel (SIGTERM to every process): best-effort checkpoint, then the end.
-    j.submit("term", *CPU_JOB, "launcher.mode=torchrun", "train.max_steps=400", "checkpoint.every_steps=0")
-    j.signal_after_first_step("term", [])
-    j.submit("fail", *CPU_JOB, "launcher.mode=torchrun", "train.max_steps=4", "debug.fail_at_step=2",
-             "debug.fail_rank=0")
-    p = run_cli("train", "-m", "optim.lr=1e-3,3e-3", *CPU_JOB, "launcher.mode=torchrun", "train.max_steps=2",
-                "checkpoint.every_steps=2", f"run.dir={j.root / 'sweep'}", cwd=j.root)
-    assert p.returncode == 0, explain(p)
-    j.out["sweep"] = p.stdout
+    submitted["term"]()
+    j.signal_when("term", [], ready="step")
+    submitted["fail"]()
+    submitted["sweep"]()
     return j
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(JOB_TEST_TIMEOUT_S)
 def test_job_trains_to_a_committed_checkpoint(jobs: Jobs) -> None:
     """The issue's command: prints a job id and ends with a committed step-8 checkpoint."""
     run, job_id = jobs.runs["done"], jobs.ids["done"]
     assert f"submitted Slurm job {job_id}" in jobs.out["done"] and "slurm-" in jobs.out["done"]
-    state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
+    state, code, restarts = jobs.wait("done")
     out = run / f"slurm/submit-1/slurm-{job_id}.out"
     assert (state, code, restarts) == ("COMPLETED", "0:0", 0), out.read_text()[-4000:]
     assert committed_steps(run) == [4, 8]
@@ -434,28 +549,31 @@ def test_job_trains_to_a_committed_checkpoint(jobs: Jobs) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(JOB_TEST_TIMEOUT_S)
 def test_usr1_checkpoints_requeues_and_resumes(jobs: Jobs) -> None:
     run, job_id = jobs.runs["usr1"], jobs.ids["usr1"]
-    state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
+    n = USR1_STEPS
+    # Meanwhile (the job waits for its CPU share anyway): the same job uninterrupted, on the local
+    # launcher, one rank as on the one CPU node.
+    ref = jobs.root / "usr1-reference"
+    train_ok("peft=lora", f"train.max_steps={n}", f"checkpoint.every_steps={n // 2}", run=ref, cwd=jobs.root)
+    state, code, restarts = jobs.wait("usr1", run_s=2 * RUN_S)  # two runs: the first, the requeued one
     out = (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()
-    assert not jobs.errors.get("usr1"), jobs.errors
-    assert (state, code, restarts) == ("COMPLETED", "0:0", 1), out[-4000:]
+    assert not jobs.errors.get("usr1"), "\n".join(jobs.errors["usr1"])
+    assert (state, code, restarts) == ("COMPLETED", "0:0", 1), job_report(job_id, run)
     stopped = events(run, "preempted")
     assert len(stopped) == 1 and stopped[0]["step"] >= jobs.signalled["usr1"], (stopped, jobs.signalled)
     step = stopped[0]["step"]
-    assert step < 200, "the signal came too late to test anything"
+    assert step < n, "the signal came too late to test anything"
     resumed = events(run, "resume")
     assert len(resumed) == 1 and resumed[0]["step"] == step
     assert f"checkpoints/step_{step}" in resumed[0]["checkpoint"]
-    assert sorted(losses(run)) == list(range(1, 201)) and events(run, "end")[0]["step"] == 200
-    # The requeued run continued the same training: its losses are an uninterrupted run's (the same
-    # job on the local launcher, one rank as on the one CPU node; float noise allowed for the
-    # different thread counts).
-    ref = jobs.root / "usr1-reference"
-    train_ok("peft=lora", "train.max_steps=200", "checkpoint.every_steps=100", run=ref, cwd=jobs.root)
+    assert sorted(losses(run)) == list(range(1, n + 1)) and events(run, "end")[0]["step"] == n
+    # The requeued run continued the same training: its losses are the uninterrupted run's, step by
+    # step (float noise allowed for the different thread counts).
     want, got = losses(ref), losses(run)
-    assert [got[s] for s in range(1, 201)] == pytest.approx([want[s] for s in range(1, 201)], rel=1e-5)
-    assert committed_steps(run) == [100, 200]
+    assert [got[s] for s in range(1, n + 1)] == pytest.approx([want[s] for s in range(1, n + 1)], rel=1e-5)
+    assert committed_steps(run) == [n // 2, n]
     assert f"requeueing job {job_id} (requeue 1 of 3)" in out and f"job {job_id} (run 1)" in out
     assert (run / f"slurm/submit-1/preempt-saved.{job_id}.0").read_text().startswith(f"step {step} ")
     rc, err = jobs.out["usr1-again"].split("\n", 1)
@@ -465,11 +583,12 @@ def test_usr1_checkpoints_requeues_and_resumes(jobs: Jobs) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(JOB_TEST_TIMEOUT_S)
 def test_scancel_saves_a_checkpoint_before_the_job_ends(jobs: Jobs) -> None:
     run, job_id = jobs.runs["term"], jobs.ids["term"]
-    state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
+    state, code, restarts = jobs.wait("term")
     out = (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()
-    assert not jobs.errors.get("term"), jobs.errors
+    assert not jobs.errors.get("term"), "\n".join(jobs.errors["term"])
     assert state == "CANCELLED" and restarts == 0, (state, code, out[-4000:])
     stopped = events(run, "terminated")
     assert len(stopped) == 1, out[-4000:]
@@ -482,9 +601,10 @@ def test_scancel_saves_a_checkpoint_before_the_job_ends(jobs: Jobs) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(JOB_TEST_TIMEOUT_S)
 def test_failing_job_exits_nonzero_with_its_error_in_the_run_dir(jobs: Jobs) -> None:
     run, job_id = jobs.runs["fail"], jobs.ids["fail"]
-    state, code, restarts = wait_job(job_id, deadline=jobs.deadline)
+    state, code, restarts = jobs.wait("fail")
     out = (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()
     assert state == "FAILED" and code == "1:0" and restarts == 0, (state, code, out[-4000:])
     err = (run / "logs/rank0.error").read_text()
@@ -494,6 +614,7 @@ def test_failing_job_exits_nonzero_with_its_error_in_the_run_dir(jobs: Jobs) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(JOB_TEST_TIMEOUT_S)
 def test_multirun_submits_one_job_per_point(jobs: Jobs) -> None:
     out = jobs.out["sweep"]
     ids = _job_ids(out)
@@ -503,7 +624,7 @@ def test_multirun_submits_one_job_per_point(jobs: Jobs) -> None:
         run = sweep / str(n)
         assert f"run dir {run}" in out
         assert (run / "slurm/submit-1/job_id").read_text().strip() == job_id
-        state, code, _ = wait_job(job_id, deadline=jobs.deadline)
+        state, code, _ = wait_job(job_id, run=run)
         assert (state, code) == ("COMPLETED", "0:0"), (run / f"slurm/submit-1/slurm-{job_id}.out").read_text()[-3000:]
         assert committed_steps(run) == [2]
         cfg = yaml.safe_load((run / "config.yaml").read_text())

@@ -317,7 +317,7 @@ def test_slurm_sweep_is_one_job_that_finishes_with_its_table(slurm: None, tmp_pa
     assert p.returncode == 0, explain(p)
     ids = _job_ids(p.stdout)
     assert len(ids) == 1, p.stdout  # one allocation for the whole sweep
-    state, code, _ = wait_job(ids[0], deadline=time.time() + 480)
+    state, code, _ = wait_job(ids[0], run=sweep)
     out = (sweep / f"slurm/submit-1/slurm-{ids[0]}.out").read_text()
     assert (state, code) == ("COMPLETED", "0:0"), out[-4000:]
     rows = _table(sweep)
