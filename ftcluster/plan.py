@@ -17,7 +17,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from ftcluster.config import ConfigError, JobConfig, ac_mode
 
@@ -313,7 +313,8 @@ def _fsdp2_state(job: JobConfig, table: ParamTable, *, ws: int, c: int) -> _Stat
     local = lambda p: fsdp_local_numel(p.shape, ws)  # noqa: E731
     # parallel.shard_frozen (parallel/fsdp.py): frozen parameters outside FSDP2 stay whole on the
     # rank and are used in place (no all-gather buffer); sharded ones take their padded shard.
-    sharded = lambda p: p.trainable or (job.parallel.shards_frozen(world_size=ws) or job.parallel.cpu_offload)  # noqa: E731
+    frozen_sharded = job.parallel.shards_frozen(world_size=ws) or job.parallel.cpu_offload
+    sharded = lambda p: p.trainable or frozen_sharded  # noqa: E731
     s = _State()
     s.frozen = _sum([p for p in all_params if not p.trainable],
                     lambda p: (local(p) if sharded(p) else _numel(p.shape)) * p.bytes_per_elt)
@@ -381,7 +382,7 @@ def _zero_state(job: JobConfig, table: ParamTable, *, ws: int, c: int) -> _State
     return s
 
 
-def _gathered(params, c: int) -> int:  # type: ignore[no-untyped-def]
+def _gathered(params: Iterable[Param], c: int) -> int:
     """Bytes of these parameters all-gathered for compute (trainable ones cast to the compute dtype)."""
     return _sum(params, lambda p: _numel(p.shape) * (c if p.trainable else p.bytes_per_elt))
 
