@@ -10,7 +10,9 @@
 #   ours   `ftcluster train model=llama3_8b peft=lora data=synthetic data.max_seq_len=4096
 #          train.global_batch_size=8` with NO performance setting (the auto layout), then the same
 #          with train.memory_budget_gib=17 (Unsloth's default recipe peaks at 16.7 GiB; if the plan
-#          finds nothing that fits, the refusal is the result) and 24, then peft=qlora (auto layout).
+#          finds nothing that fits, the refusal is the result) and 24, then peft=qlora (auto layout),
+#          then the auto layout with peft.fused=true (the fused LoRA linear, off by default until
+#          this row shows it faster).
 # The carry limit (64 MiB) does not hold .whl (ray is 42 MiB) and .uns together: carry .whl_lite
 # (.whl without ray; nothing here needs Ray) and .uns. On the device, from the repo root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_lite/*.whl \
@@ -53,6 +55,7 @@ if [ "${PART:-all}" != peers ]; then
   ours ours_budget17 "$SHORT" train.memory_budget_gib=17 | tee "$OUT/budget17.txt"
   ours ours_budget24 "$SHORT" train.memory_budget_gib=24
   ours ours_qlora_auto "$SHORT" peft=qlora
+  ours ours_auto_fused "$MAIN" peft.fused=true  # keep peft.fused off by default unless this row wins
 fi
 python3 - "$OUT" "$SKIP" <<'PY'
 import json, statistics, sys
@@ -79,7 +82,7 @@ def peers(fname):
 
 p, u = peers("peer_lora.jsonl"), peers("unsloth_peer.jsonl")
 tok = lambda d, k: (d.get(k) or {}).get("tok_s")  # noqa: E731
-runs = {n: ours(n) for n in ("ours_auto", "ours_budget17", "ours_budget24", "ours_qlora_auto")}
+runs = {n: ours(n) for n in ("ours_auto", "ours_budget17", "ours_budget24", "ours_qlora_auto", "ours_auto_fused")}
 def lay(r):
     l = r.get("layout") or {}
     if not l:
@@ -99,7 +102,8 @@ checks = [("auto >= 2.0x peer lora4k", a, tok(p, "lora4k"), 2.0),
           ("auto >= 1.1x Unsloth uns_nogc_mb4", a, tok(u, "uns_nogc_mb4"), 1.1),
           ("budget 17 GiB >= 1.0x Unsloth uns_gc_mb1", b, tok(u, "uns_gc_mb1"), 1.0),
           ("budget 24 GiB vs Unsloth uns_gc_mb1 (16.7 GiB)", runs["ours_budget24"].get("tok_s"), tok(u, "uns_gc_mb1"), 1.0),
-          ("QLoRA auto >= 0.9x LoRA auto", q, a, 0.9)]
+          ("QLoRA auto >= 0.9x LoRA auto", q, a, 0.9),
+          ("peft.fused=true vs auto (> 1: make it the default)", runs["ours_auto_fused"].get("tok_s"), a, 1.0)]
 lines += ["", "| target | ours | baseline | ratio | needed | met |", "| --- | --- | --- | --- | --- | --- |"]
 for name, x, base, need in checks:
     ratio = x / base if x and base else None

@@ -2,8 +2,9 @@
 
 Order (each step's constraint in its docstring): transformers config -> model on the meta device
 (attention implementation and Liger kernels chosen here) -> decoder layers found once -> PEFT
-transform -> activation checkpointing (ftcluster/model/checkpointing.py) -> per-layer torch.compile
-(ftcluster/model/compile.py) -> `TrainModule` (the model plus the objective's loss head).
+transform -> fused LoRA linears (ftcluster/model/fused_lora.py, `peft.fused`) -> activation
+checkpointing (ftcluster/model/checkpointing.py) -> per-layer torch.compile (ftcluster/model/compile.py)
+-> `TrainModule` (the model plus the objective's loss head).
 Then `parallelize` shards it and materialises the local shards (ftcluster/model/weights.py); no
 rank ever holds a full copy of the model. Used alike by training, export, tests and benchmarks.
 """
@@ -184,6 +185,12 @@ def build_module(job: JobConfig, *, objective: Objective | None = None, packed: 
         module = TrainModule(model=hf_model, hf_model=hf_model, objective=objective or build_objective(job))
         return BuiltModule(module=module, hf_model=hf_model, layers=layers, counts=count_params(module))
     trained = apply_peft(hf_model, job, layers=layers)
+    if job.peft.fused:
+        # After PEFT and QLoRA's NF4 swap (the base layers are final), before checkpointing,
+        # compile and sharding: each LoRA linear becomes one fused node (same parameters).
+        from ftcluster.model.fused_lora import apply_fused_lora
+
+        apply_fused_lora(trained)
     mode = ac_mode(job.train.activation_checkpointing)
     if mode != "auto":  # auto: resolved by layout.py before training (a module built outside it: none)
         # After PEFT (the layers hold their adapters), before compile and sharding.
