@@ -21,12 +21,14 @@ SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "gate_proj": (4096, 14
 
 
 def layer(din: int, dout: int, device: str, dtype: torch.dtype) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
     torch.manual_seed(0)
-    m = get_peft_model(nn.Sequential(nn.Linear(din, dout, bias=False)),
-                       LoraConfig(r=16, lora_alpha=32, target_modules=["0"]))
-    lin = m.base_model.model[0].to(device=device, dtype=dtype)
+    from peft import LoraConfig
+
+    lin = LoraLinear(nn.Linear(din, dout, bias=False), "default", LoraConfig(r=16, lora_alpha=32), r=16,
+                     lora_alpha=32).to(device=device, dtype=dtype)
+    lin.base_layer.requires_grad_(False)
     with torch.no_grad():
         lin.lora_B["default"].weight.normal_(0, 0.02)
     return lin

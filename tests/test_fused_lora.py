@@ -22,13 +22,13 @@ torch.set_num_threads(1)
 def lora_linear(*, bias: bool, dtype: torch.dtype = torch.float64, nf4: bool = False, seed: int = 0,
                 dropout: float = 0.0) -> nn.Module:
     """One peft LoRA linear (64 -> 96, r 8, alpha 16) with non-zero B, so the update matters."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
     torch.manual_seed(seed)
-    net = nn.Sequential()
-    net.add_module("proj", nn.Linear(64, 96, bias=bias))
-    model = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], lora_dropout=dropout))
-    layer = model.base_model.model.proj
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout)
+    layer = LoraLinear(nn.Linear(64, 96, bias=bias), "default", cfg, r=8, lora_alpha=16, lora_dropout=dropout)
+    layer.base_layer.requires_grad_(False)  # as get_peft_model freezes the base
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.1)
     if nf4:
