@@ -23,7 +23,7 @@ on CPU, CUDA, under FSDP2 and ZeRO-1/2, checkpointing and torch.compile), about 
 
 When the fused node does not apply it steps aside to peft's own forward (same module, same
 parameters), and says why once per reason: adapters disabled (DPO's reference pass) or merged,
-several or no active adapters, a LoRA variant (DoRA), dropout, extra forward arguments, a base
+several or no active adapters, a LoRA variant (DoRA), dropout, a base
 that is not a plain or NF4 linear, a trainable base, or dtypes that differ (peft then computes
 the adapter in the adapter's dtype, which we keep). Under ZeRO-3 it is refused at compose:
 DeepSpeed gathers a parameter when its own module runs, and the fused node reads lora_A/lora_B
@@ -32,7 +32,7 @@ without calling them.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -98,18 +98,18 @@ class FusedLoraLinear(_lora_linear_class()):  # type: ignore[misc]
     """peft's `lora.Linear` with the fused forward. Instances become this class in place
     (`apply_fused_lora`), so names, parameters, state dicts, merging and export are peft's."""
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plan = self._fused_plan(x, args, kwargs)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Only `x`: the decoder calls each projection with its input alone (peft's extra forward
+        # arguments, such as a mixed-adapter batch's adapter_names, are not used in training).
+        plan = self._fused_plan(x)
         if isinstance(plan, str):
             _say_once(plan)
-            return super().forward(x, *args, **kwargs)
+            return super().forward(x)
         weight, bias, layout, a, b, scale = plan
         return FusedLoRAFn.apply(x, weight, bias, a, b, scale, layout)
 
-    def _fused_plan(self, x: torch.Tensor, args: tuple, kwargs: dict):  # type: ignore[no-untyped-def]
+    def _fused_plan(self, x: torch.Tensor):  # type: ignore[no-untyped-def]
         """The fused node's inputs, or the reason peft's forward runs instead."""
-        if args or kwargs:
-            return "the forward has extra arguments"
         if self.disable_adapters or self.merged:
             return "adapters are disabled or merged"
         active = [n for n in self.active_adapters if n in self.lora_A.keys()]
