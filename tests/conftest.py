@@ -1,6 +1,7 @@
 """Shared helpers: run the real CLI in a subprocess and read what a run left behind."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -55,6 +56,32 @@ def train_ok(*args: str, run: Path, cwd: Path, env: dict[str, str] | None = None
     p = run_cli("train", *args, f"run.dir={run}", cwd=cwd, env=env, timeout=timeout)
     assert p.returncode == 0, explain(p)
     return p
+
+
+@contextlib.contextmanager
+def one_gloo_rank_engine(job, built):  # type: ignore[no-untyped-def]
+    """`parallelize` of a built module on a one-process gloo group (the real engine, FSDP2 or
+    DeepSpeed, with the seed's weights); the group is destroyed on exit."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from ftcluster.distributed import Dist
+    from ftcluster.model import materialize
+    from ftcluster.parallel import parallelize
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        yield parallelize(built.module, layers=built.layers, job=job, dist=d,
+                          materialize=lambda m, dev, view: materialize(m, cfg=job.model, seed=job.seed, device=dev,
+                                                                       shard_view=view))
+    finally:
+        dist.destroy_process_group()
 
 
 def lm_batch(ids, labels=None):  # type: ignore[no-untyped-def]

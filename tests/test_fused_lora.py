@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import compose_job, lm_batch, losses, train_ok
+from conftest import compose_job, lm_batch, losses, one_gloo_rank_engine, train_ok
 from ftcluster.compose import register_configs
 from ftcluster.config import ConfigError
 from ftcluster.model import build_module, materialize
@@ -148,13 +148,7 @@ def test_under_fsdp2_bf16_every_lora_linear_runs_the_fused_node(shard_frozen: st
     """FSDP2 on one gloo process with bf16 compute (the GPU recipe), the frozen base inside FSDP
     (sharded, gathered in bf16) or outside it: the dtypes line up, so every LoRA linear takes
     the fused node on every call and none steps aside; the step trains the adapters."""
-    import socket
-
-    import torch.distributed as dist
-
-    from ftcluster.distributed import Dist
     from ftcluster.model import fused_lora
-    from ftcluster.parallel import parallelize
 
     calls, asides = [], []
     real_apply = fused_lora.FusedLoRAFn.apply
@@ -164,15 +158,7 @@ def test_under_fsdp2_bf16_every_lora_linear_runs_the_fused_node(shard_frozen: st
     built = build_module(j)
     module = built.module
     n_lora = sum(type(m) is FusedLoraLinear for m in module.modules())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-        engine = parallelize(module, layers=built.layers, job=j, dist=d,
-                             materialize=lambda m, dev, view: materialize(m, cfg=j.model, seed=j.seed, device=dev,
-                                                                          shard_view=view))
+    with one_gloo_rank_engine(j, built) as engine:
         b_before = {n: p.full_tensor().clone() for n, p in module.named_parameters() if "lora_B" in n}
         module.train()
         ids = torch.randint(6, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -183,8 +169,6 @@ def test_under_fsdp2_bf16_every_lora_linear_runs_the_fused_node(shard_frozen: st
         assert asides == [] and len(calls) == n_lora > 0, (asides, len(calls), n_lora)
         moved = [n for n, p in module.named_parameters() if "lora_B" in n and not torch.equal(p.full_tensor(), b_before[n])]
         assert len(moved) == len(b_before)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("overrides", [

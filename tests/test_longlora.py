@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, committed_steps, compose_job, events, explain, lm_batch, losses, run_cli
+from conftest import cli_env, committed_steps, compose_job, events, explain, lm_batch, losses, one_gloo_rank_engine, run_cli
 from ftcluster.compose import check_model_paths, register_configs
 from ftcluster.config import ConfigError, JobConfig, ModelConfig
 from ftcluster.longlora import S2_ATTN, hf_config_for_export
@@ -100,25 +100,12 @@ def test_trainable_module_typo_fails_clearly() -> None:
 def test_fsdp2_keeps_trainable_non_lora_params_fp32_and_trains_them() -> None:
     """FSDP2 on one gloo process: frozen base weights are stored in bf16, adapters, embeddings
     and norms as fp32 master weights; one step updates embeddings and norms."""
-    import socket
-
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from ftcluster.distributed import Dist
-    from ftcluster.parallel import parallelize
     j = job("peft=longlora", "train.dtype=bf16")
     built = build_module(j)
     module = built.module
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-        engine = parallelize(module, layers=built.layers, job=j, dist=d,
-                             materialize=lambda m, dev, view: materialize(m, cfg=j.model, seed=j.seed, device=dev,
-                                                                          shard_view=view))
+    with one_gloo_rank_engine(j, built) as engine:
         params = dict(module.named_parameters())
         # FSDP2 shards what trains; at world size 1 parallel.shard_frozen=auto leaves the frozen
         # base outside FSDP (plain tensors, used in place).
@@ -138,8 +125,6 @@ def test_fsdp2_keeps_trainable_non_lora_params_fp32_and_trains_them() -> None:
         assert torch.isfinite(engine.clip_grad_norm(1.0))
         engine.step(lr=1e-2, skip=torch.tensor(False))
         assert not torch.equal(emb.full_tensor(), before[0]) and not torch.equal(norm.full_tensor(), before[1])
-    finally:
-        dist.destroy_process_group()
 
 
 # --- S2-Attn in training, full attention in evaluation --------------------------------------------
