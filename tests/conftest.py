@@ -18,21 +18,19 @@ from ftcluster.compose import compose_job  # noqa: F401 - tests import it from h
 REPO = Path(__file__).resolve().parent.parent
 
 # Tests that start a Ray cluster or submit to the one-node Slurm share those services (Ray's session
-# dir, the Slurm node's CPUs): under pytest-xdist (the README's `-n 2 --dist loadgroup`) they all run
-# on one worker, one after another, while the other worker takes the rest of the suite.
+# dir, the Slurm node's CPUs): under pytest-xdist (the README's `-n 2 --dist loadgroup`) they were
+# meant to run on one worker, one after another. They do not: xdist's own collection hook turns
+# xdist_group markers into node ids before this one adds them (found 2026-12-02; `-v` shows no
+# `@cluster` suffix), so they run on both workers, as every CI run so far did. The fix is
+# `@pytest.hookimpl(tryfirst=True)` below; it changes the suite's schedule, so it lands with a
+# full-suite run that times it.
 CLUSTER_TEST_FILES = frozenset({"test_ray.py", "test_slurm.py", "test_sweep.py"})
-# Files whose module-scoped fixture trains real runs (one to two minutes on 2 cores): a module
-# fixture is built once per xdist worker, so their tests stay on one worker to build it once.
-FIXTURE_TEST_FILES = frozenset({"test_export.py", "test_deepspeed.py", "test_qlora.py", "test_checkpoint_integrity.py",
-                                "test_train_e2e.py", "test_sharded_load.py"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in CLUSTER_TEST_FILES:
             item.add_marker(pytest.mark.xdist_group("cluster"))
-        elif item.path.name in FIXTURE_TEST_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 def cli_env(**extra: str) -> dict[str, str]:

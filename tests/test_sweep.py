@@ -210,12 +210,11 @@ def _wait_for_finished_trial(proc: subprocess.Popen, sweep: Path, timeout: float
 
 @pytest.mark.slow
 def test_asha_sweep_killed_and_continued(tmp_path: Path) -> None:
-    """The issue's sweep, small: 4 trials x 1 worker (2-worker trials: the retry test below), ASHA
-    on eval_loss over lr in [1e-4, 3e-1] (log); the driver is SIGKILLed after the first finished
-    trial and started again."""
+    """The issue's sweep, small: 4 trials x 2 workers, ASHA on eval_loss over lr in [1e-4, 3e-1]
+    (log); the driver is SIGKILLed after the first finished trial and started again."""
     sweep = tmp_path / "sweep"
     args = ["sweep", "optim.lr=tag(log,interval(1e-4,3e-1))", "sweep.num_samples=4", "sweep.scheduler=asha",
-            "launcher.address=local", "launcher.num_workers=1", "eval.every_steps=2", "train.max_steps=8",
+            "launcher.address=local", "launcher.num_workers=2", "eval.every_steps=2", "train.max_steps=8",
             "checkpoint.every_steps=4", *TINY, f"run.dir={sweep}"]
     first = subprocess.Popen([sys.executable, "-m", "ftcluster", *args], cwd=tmp_path, env=cli_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
