@@ -58,8 +58,9 @@ def train_ok(*args: str, run: Path, cwd: Path, env: dict[str, str] | None = None
 
 @contextlib.contextmanager
 def one_gloo_rank_engine(job, built):  # type: ignore[no-untyped-def]
-    """`parallelize` of a built module on a one-process gloo group (the real engine, FSDP2 or
-    DeepSpeed, with the seed's weights); the group is destroyed on exit."""
+    """`parallelize` of a built module on a one-process gloo group, in this process: the real
+    engine of the job's backend with the seed's weights (used with FSDP2; DeepSpeed's engines are
+    tested in subprocesses). The group is destroyed on exit."""
     import socket
 
     import torch

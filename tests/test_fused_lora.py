@@ -74,12 +74,22 @@ def test_gradcheck_of_the_fused_node_with_a_bias() -> None:
     assert torch.autograd.gradcheck(lambda x, a, bb: FusedLoRAFn.apply(x, w, b, a, bb, 0.7, None), (x, a, bb))
 
 
-def test_input_without_grad_gets_none_and_adapter_grads_still_flow() -> None:
-    layer = lora_linear(bias=False)
-    apply_fused_lora(layer)
-    x = torch.randn(7, 64, dtype=torch.float64)  # e.g. layer 0's input under LoRA (frozen embedding)
-    layer(x).sum().backward()
-    assert layer.lora_A["default"].weight.grad.abs().sum() > 0 and layer.lora_B["default"].weight.grad.abs().sum() > 0
+def test_input_without_grad_skips_dx_and_adapter_grads_equal_peft() -> None:
+    """Layer 0's input under LoRA (frozen embedding) needs no gradient: the fused backward skips dx
+    and still gives peft's adapter gradients."""
+    x = torch.randn(7, 64, dtype=torch.float64)
+    grads = []
+    for fused in (False, True):
+        layer = lora_linear(bias=False)
+        if fused:
+            apply_fused_lora(layer)
+        y = layer(x)
+        assert y.requires_grad
+        (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+        grads.append({n: p.grad for n, p in layer.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) == {"lora_A.default.weight", "lora_B.default.weight"}
+    for n in grads[0]:
+        assert grads[0][n].abs().sum() > 0 and torch.allclose(grads[1][n], grads[0][n], rtol=0, atol=1e-12), n
 
 
 def test_nf4_base_fused_equals_peft_over_the_nf4_linear() -> None:

@@ -18,13 +18,15 @@ weights themselves (parameters, no copy). The NF4 base (ftcluster/quant.py) is d
 forward and again in backward, as `NF4Linear` does; nothing de-quantised is kept.
 
 Why our own and not Unsloth's kernels: Unsloth's fused LoRA patches its own model classes and
-bitsandbytes `Params4bit` (whose quant state FSDP2 loses, see quant.py); this is plain torch (runs
-on CPU, CUDA, under FSDP2 and ZeRO-1/2, checkpointing and torch.compile), about a hundred lines.
+bitsandbytes `Params4bit` (whose quant state FSDP2 loses, see quant.py); this is plain torch,
+about a hundred lines. Tested (tests/test_fused_lora.py, CPU) unsharded and under FSDP2 on one and
+two gloo ranks; not yet tested under ZeRO-1/2, activation checkpointing or torch.compile, nor
+timed on a GPU (bench/fused_lora_check.py, bench/perf.sh).
 
 When the fused node does not apply it steps aside to peft's own forward (same module, same
 parameters), and says why once per reason: adapters disabled (DPO's reference pass) or merged,
-several or no active adapters, a LoRA variant (DoRA), dropout, a base
-that is not a plain or NF4 linear, a trainable base, or dtypes that differ (peft then computes
+several or no active adapters, a LoRA variant (DoRA), dropout, a base that is not a plain or NF4
+linear, a trainable base, or dtypes that differ (peft then computes
 the adapter in the adapter's dtype, which we keep). Under ZeRO-3 it is refused at compose:
 DeepSpeed gathers a parameter when its own module runs, and the fused node reads lora_A/lora_B
 without calling them.
