@@ -17,20 +17,21 @@ from ftcluster.compose import compose_job  # noqa: F401 - tests import it from h
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Tests that start a Ray cluster or submit to the one-node Slurm share those services (Ray's session
-# dir, the Slurm node's CPUs): under pytest-xdist (the README's `-n 2 --dist loadgroup`) they were
-# meant to run on one worker, one after another. They do not: xdist's own collection hook turns
-# xdist_group markers into node ids before this one adds them (found 2026-12-02; `-v` shows no
-# `@cluster` suffix), so they run on both workers, as every CI run so far did. The fix is
-# `@pytest.hookimpl(tryfirst=True)` below; it changes the suite's schedule, so it lands with a
-# full-suite run that times it.
+# Scheduling under pytest-xdist (the README's `-n 2 --dist loadgroup`): each test file is one
+# xdist group, so a module-scoped fixture (test_export's trained runs, test_deepspeed's ZeRO-3
+# reference, ...) is built once, not once per worker; and the files that start a Ray cluster or
+# submit to the one-node Slurm share one group, so they take turns on those services instead of
+# running on both workers at once. tryfirst: xdist's own collection hook turns xdist_group markers
+# into node ids, so ours must add them before it runs (without it, found 2026-12-02, no test was
+# grouped: `-v` showed no `@<group>` suffix).
 CLUSTER_TEST_FILES = frozenset({"test_ray.py", "test_slurm.py", "test_sweep.py"})
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in CLUSTER_TEST_FILES:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("cluster" if name in CLUSTER_TEST_FILES else name))
 
 
 def cli_env(**extra: str) -> dict[str, str]:
