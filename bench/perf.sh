@@ -17,9 +17,12 @@
 # (.whl without ray; nothing here needs Ray) and .uns. On the device, from the repo root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl_lite/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD; export TORCH_CUDA_ARCH_LIST=9.0; bash bench/perf.sh
-# Whole, it runs past the device's 10-minute limit (2026-12-02: the peers alone took 300 s): run
-# PART=peers and then PART=ours as two commands on the same warm machine, with the same $OUT
-# contents copied back between them, or keep both under 10 minutes with MAIN_STEPS/SHORT_STEPS.
+# Whole, it runs past the device's 10-minute limit (2026-12-02: the peers alone took 300 s), so
+# PEERS=1|0, UNSLOTH=1|0, PEER_CONFIGS and RUNS (which of our rows: ours_auto ours_budget17
+# ours_budget24 ours_qlora_auto ours_auto_fused ours_auto_compile ours_compile_noliger
+# ours_offload_mb1 ours_profile) pick the
+# parts of one command; MAIN_STEPS/SHORT_STEPS shorten the runs. Each command's table compares only
+# the rows it ran: a ratio needs both sides measured in the same command.
 # Unsloth needs a tokenizer whose vocabulary covers the model's 128,256 ids (UNS_TOKENIZER; the
 # embedded tiny one, 1,024 tokens, probably caused a device-side assert there).
 # It writes $OUT/perf.md (the table and the target checks) and prints it; paste it into
@@ -35,13 +38,23 @@ else
   MODEL=(model=llama3_8b); SEQ=4096; MAIN=${MAIN_STEPS:-20}; SHORT=${SHORT_STEPS:-10}; SKIP=3
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 fi
-if [ "${TINY:-0}" != 1 ] && [ "${PART:-all}" != ours ]; then
-  (cd "$OUT" && OUT="$OUT" timeout 300 python3 "$OLDPWD/.peer/peer_lora.py" lora4k lora4k_noac_liger_mbs2 \
-     lora4k_noac_liger_mbs4 qlora4k 2>&1 | grep SUMMARY)
+# PEERS / UNSLOTH (1 or 0) and RUNS (which of our rows) pick the parts, so that the whole fits the
+# device's 10-minute calls as two or three commands; each command's table compares only the rows
+# it ran (the ratios need both sides in one command).
+PART=${PART:-all}
+PEERS=${PEERS:-$([ "$PART" = ours ] && echo 0 || echo 1)}
+UNSLOTH=${UNSLOTH:-$PEERS}
+RUNS=${RUNS:-$([ "$PART" = peers ] && echo "" || echo "ours_auto ours_budget17 ours_budget24 ours_qlora_auto ours_auto_fused")}
+if [ "${TINY:-0}" != 1 ] && [ "$PEERS" = 1 ]; then
+  (cd "$OUT" && OUT="$OUT" timeout "${PEER_TIMEOUT:-300}" python3 "$OLDPWD/.peer/peer_lora.py" \
+     ${PEER_CONFIGS:-lora4k lora4k_noac_liger_mbs2 lora4k_noac_liger_mbs4 qlora4k} > "$OUT/peer_lora.log" 2>&1
+   grep SUMMARY "$OUT/peer_lora.log")
+fi
+if [ "${TINY:-0}" != 1 ] && [ "$UNSLOTH" = 1 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_uns .uns/*.whl \
     .whl_lite/bitsandbytes-*.whl 2>/dev/null
   (cd "$OUT" && OUT="$OUT" PYTHONPATH=/tmp/site_uns timeout 330 python3 "$OLDPWD/.uns/unsloth_peer.py" "${UNS_TOKENIZER:-$TOK}" \
-     uns_gc_mb1 uns_nogc_mb4 2>&1 | grep '^{')
+     uns_gc_mb1 uns_nogc_mb4 > "$OUT/unsloth.log" 2>&1; grep '^{' "$OUT/unsloth.log"; tail -c 3000 "$OUT/unsloth.log" > "$OUT/unsloth_tail.log")
 fi
 common=("${MODEL[@]}" peft=lora data=synthetic data.synthetic_samples=512 data.max_seq_len=$SEQ train.global_batch_size=8
         logger=none checkpoint.enabled=false eval.every_steps=0 eval.at_start=false data.eval_path=null)
@@ -50,13 +63,18 @@ ours() {  # ours NAME STEPS OVERRIDES...
   timeout 420 python3 -m ftcluster train "${common[@]}" train.max_steps="$steps" run.dir="$OUT/$name" "$@" 2>&1 \
     | grep -E "^  memory|^              auto|^step $steps/|rror" | head -12
 }
-if [ "${PART:-all}" != peers ]; then
-  ours ours_auto "$MAIN"
-  ours ours_budget17 "$SHORT" train.memory_budget_gib=17 | tee "$OUT/budget17.txt"
-  ours ours_budget24 "$SHORT" train.memory_budget_gib=24
-  ours ours_qlora_auto "$SHORT" peft=qlora
-  ours ours_auto_fused "$MAIN" peft.fused=true  # keep peft.fused off by default unless this row wins
-fi
+declare -A ARGS=([ours_auto]="$MAIN|" [ours_budget17]="$SHORT|train.memory_budget_gib=17"
+  [ours_budget24]="$SHORT|train.memory_budget_gib=24" [ours_qlora_auto]="$SHORT|peft=qlora"
+  [ours_auto_fused]="$MAIN|peft.fused=true"  # keep peft.fused off by default unless its row wins
+  [ours_auto_compile]="$MAIN|model.compile=true" [ours_compile_noliger]="$MAIN|model.compile=true model.liger=false"
+  [ours_offload_mb1]="$SHORT|train.activation_checkpointing=offload train.micro_batch_size=1"  # the 17-GiB layout, forced
+  [ours_profile]="8|debug.profile_steps=2 debug.profile_from_step=6")  # where the auto layout's step time goes
+for r in $RUNS; do
+  a=${ARGS[$r]}; steps=${a%%|*}; o=${a#*|}
+  ours "$r" "$steps" $o | tee "$OUT/$r.txt"
+done
+find "$OUT" -name '*_trace.json.gz' -size +30M -delete  # too big to come back from the device; the tables stay
+[ -f "$OUT/ours_profile/profile/rank0_summary.json" ] && head -c 1500 "$OUT/ours_profile/profile/rank0_summary.json"
 python3 - "$OUT" "$SKIP" <<'PY'
 import json, statistics, sys
 from pathlib import Path
@@ -82,7 +100,8 @@ def peers(fname):
 
 p, u = peers("peer_lora.jsonl"), peers("unsloth_peer.jsonl")
 tok = lambda d, k: (d.get(k) or {}).get("tok_s")  # noqa: E731
-runs = {n: ours(n) for n in ("ours_auto", "ours_budget17", "ours_budget24", "ours_qlora_auto", "ours_auto_fused")}
+runs = {n: ours(n) for n in ("ours_auto", "ours_budget17", "ours_budget24", "ours_qlora_auto", "ours_auto_fused",
+                             "ours_auto_compile", "ours_compile_noliger", "ours_offload_mb1")}
 def lay(r):
     l = r.get("layout") or {}
     if not l:
@@ -103,16 +122,21 @@ checks = [("auto >= 2.0x peer lora4k", a, tok(p, "lora4k"), 2.0),
           ("budget 17 GiB >= 1.0x Unsloth uns_gc_mb1", b, tok(u, "uns_gc_mb1"), 1.0),
           ("budget 24 GiB vs Unsloth uns_gc_mb1 (16.7 GiB)", runs["ours_budget24"].get("tok_s"), tok(u, "uns_gc_mb1"), 1.0),
           ("QLoRA auto >= 0.9x LoRA auto", q, a, 0.9),
-          ("peft.fused=true vs auto (> 1: make it the default)", runs["ours_auto_fused"].get("tok_s"), a, 1.0)]
+          ("peft.fused=true vs auto (> 1: make it the default)", runs["ours_auto_fused"].get("tok_s"), a, 1.0),
+          ("offload mb 1 (forced) vs Unsloth uns_gc_mb1", runs["ours_offload_mb1"].get("tok_s"), tok(u, "uns_gc_mb1"), 1.0),
+          ("model.compile=true vs auto", runs["ours_auto_compile"].get("tok_s"), a, 1.0),
+          ("model.compile=true model.liger=false vs auto", runs["ours_compile_noliger"].get("tok_s"), a, 1.0)]
 lines += ["", "| target | ours | baseline | ratio | needed | met |", "| --- | --- | --- | --- | --- | --- |"]
 for name, x, base, need in checks:
     ratio = x / base if x and base else None
     lines.append(f"| {name} | {f(x)} | {f(base)} | {f(ratio, 2)} | {need} | {'-' if ratio is None else ('yes' if ratio >= need else 'no')} |")
 peak17 = runs["ours_budget17"].get("reserved")
 lines.append(f"| budget 17 GiB: peak reserved <= 17 | {f(peak17, 2)} GiB | | | 17 | {'-' if peak17 is None else ('yes' if peak17 <= 17 else 'no')} |")
+peak_off = runs["ours_offload_mb1"].get("reserved")
+lines.append(f"| offload mb 1 (forced): peak reserved <= 17 | {f(peak_off, 2)} GiB | | | 17 | {'-' if peak_off is None else ('yes' if peak_off <= 17 else 'no')} |")
 peak24 = runs["ours_budget24"].get("reserved")
 lines.append(f"| budget 24 GiB: peak reserved <= 24 | {f(peak24, 2)} GiB | | | 24 | {'-' if peak24 is None else ('yes' if peak24 <= 24 else 'no')} |")
-refusal = (out / "budget17.txt").read_text().strip() if (out / "budget17.txt").is_file() else ""
+refusal = (out / "ours_budget17.txt").read_text().strip() if (out / "ours_budget17.txt").is_file() else ""
 if "error" in refusal.lower():
     lines += ["", "train.memory_budget_gib=17: " + refusal.splitlines()[-1]]
 text = "\n".join(lines)

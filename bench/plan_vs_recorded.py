@@ -2,6 +2,12 @@
 earlier issues' commands): prints a markdown table. CPU only, a minute: python bench/plan_vs_recorded.py"""
 from __future__ import annotations
 
+import os
+
+# Every row here was measured before expandable segments became the ranks' default (2026-12-03):
+# plan them with the caching allocator those runs had.
+os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:False"
+
 from ftcluster.compose import compose_job
 from ftcluster.plan import GIB, plan_memory
 

@@ -1070,9 +1070,17 @@ class DebugConfig:
     sync_at_step: int = 0
     """Test hook: read the loss on the host inside this step (a deliberate sync that
     debug.sync_check must catch; 0 = off)."""
+    profile_steps: int = 0
+    """Profile this many training steps with torch.profiler (0 = off): each rank writes its
+    operator table, a summary (device busy fraction) and a Chrome trace to <run.dir>/profile/
+    (ftcluster/profiling.py)."""
+    profile_from_step: int = 4
+    """The first profiled step (after the warm-up steps that build optimizer state and caches)."""
 
     def validate(self) -> None:
         _require(self.fail_at_step >= 0, "debug.fail_at_step", "must be >= 0")
+        _require(self.profile_steps >= 0, "debug.profile_steps", "must be >= 0")
+        _require(self.profile_from_step >= 1, "debug.profile_from_step", "must be >= 1")
         _require(self.nan_at_step >= 0, "debug.nan_at_step", "must be >= 0")
 
 

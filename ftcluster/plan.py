@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from ftcluster.config import ConfigError, JobConfig, ac_mode
+from ftcluster.distributed import expandable_segments
 
 GIB = 1024 ** 3
 
@@ -30,6 +31,12 @@ CALIBRATION: dict[str, float] = {
     # 56.9/54.2 (70B QLoRA), 89.4/83.5 (70B LoRA, 2 GPUs), 17.61/13.76 (1B full): about 8% + 1 GiB.
     "slack_fraction": 0.08,
     "slack_fixed_gib": 1.0,
+    # The same under expandable segments (the ranks' default since 2026-12-03, ftcluster/distributed.py),
+    # which map one growing region per stream instead of caching fixed blocks. Provisional: PyTorch's
+    # allocator notes put the overhead at page rounding (2 MiB per segment); these constants are a
+    # guess until bench/plan_check.sh re-measures reserved under the new default.
+    "slack_fraction_expandable": 0.02,
+    "slack_fixed_gib_expandable": 0.25,
     # More ranks: collectives run on their own streams and the caching allocator keeps per-stream
     # pools, so reserved grows further: at 2 ranks reserved - allocated was 4.2 (8B LoRA), 3.0 (8B,
     # seq 2048), 5.9 (70B LoRA), 3.9 GiB (1B full) against 2.3-2.7 GiB at one rank.
@@ -446,7 +453,8 @@ def plan_memory(job: JobConfig, *, world_size: int, nodes: int = 1, micro_batch_
                                              every=activation_checkpointing_every, liger=liger)
     logits = _loss_bytes(job, shape=shape, tokens=T, liger=liger)
     gpu = state.frozen + state.trainable + state.grads + state.optimizer + acts + logits + state.comm + reference
-    slack = int(CALIBRATION["slack_fraction"] * gpu + CALIBRATION["slack_fixed_gib"] * GIB
+    tail = "_expandable" if expandable_segments() else ""
+    slack = int(CALIBRATION["slack_fraction" + tail] * gpu + CALIBRATION["slack_fixed_gib" + tail] * GIB
                 + (CALIBRATION["slack_multi_rank_gib"] * GIB if ws > 1 else 0))
     all_params = [*table.root, *(table.layer * table.num_layers)]
     # Host: the sharded load reads safetensors slices one tensor at a time (model/weights.py): at most

@@ -29,6 +29,7 @@ from ftcluster.model import BuiltModule, build_module, materialize
 from ftcluster.objectives import build_objective
 from ftcluster.parallel import Engine, parallelize
 from ftcluster.preemption import StopReason, StopRequests
+from ftcluster.profiling import StepProfiler
 from ftcluster.trainer import Trainer, TrainProgress
 
 log = logging.getLogger("ftcluster")
@@ -151,7 +152,9 @@ def build_trainer(job: JobConfig, run_dir: Path, d: Dist, *, stops: StopRequests
     return Trainer(job=job, dist=d, engine=engine, batches=batches, objective=objective, ckpt=ckpt, metrics=metrics,
                    throughput=throughput, progress=progress, stops=stops, faults=Faults(job.debug, rank=d.rank, run_dir=run_dir),
                    saved_state=state, config_yaml=resolved_config_yaml(asked), rss_before_load=rss_before_load,
-                   on_log=on_log, evaluator=evaluator, tracker=tracker)
+                   on_log=on_log, evaluator=evaluator, tracker=tracker,
+                   profiler=StepProfiler(first=job.debug.profile_from_step, count=job.debug.profile_steps,
+                                         out_dir=run_dir / "profile", rank=d.rank, device_type=d.device_type))
 
 
 def _print_start(job: JobConfig, d: Dist, metrics: MetricsLogger, *, built: BuiltModule, data: Any, eval_data: Any,

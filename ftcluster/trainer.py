@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -28,6 +29,7 @@ from ftcluster.metrics import MetricsLogger, ThroughputWindow, gather_host_rss, 
 from ftcluster.optim import lr_at
 from ftcluster.parallel import Engine
 from ftcluster.preemption import StopReason, StopRequests
+from ftcluster.profiling import StepProfiler
 
 log = logging.getLogger("ftcluster")
 
@@ -77,7 +79,8 @@ class Trainer:
                  ckpt: CheckpointManager, metrics: MetricsLogger, throughput: ThroughputWindow,
                  progress: TrainProgress, stops: StopRequests, faults: Faults, saved_state: dict[str, Any],
                  config_yaml: str, rss_before_load: float, on_log: Callable[[dict], None] | None,
-                 evaluator: Evaluator | None = None, tracker: EvalTracker | None = None) -> None:
+                 evaluator: Evaluator | None = None, tracker: EvalTracker | None = None,
+                 profiler: StepProfiler | None = None) -> None:
         self.job, self.d, self.engine, self.batches, self.objective = job, dist, engine, batches, objective
         self.ckpt, self.metrics, self.throughput, self.progress = ckpt, metrics, throughput, progress
         self.stops, self.faults, self.on_log = stops, faults, on_log
@@ -85,6 +88,8 @@ class Trainer:
         self.config_yaml = config_yaml
         self.rss_before_load = rss_before_load  # GiB, for the end record's host-memory figures
         self.evaluator, self.tracker = evaluator, tracker  # None without held-out data
+        self.profiler = profiler or StepProfiler(first=1, count=0, out_dir=Path("."), rank=dist.rank,
+                                                 device_type=dist.device_type)  # debug.profile_steps off
         self._first_step = progress.step  # 0, or the step this segment resumed at
         self.values = StepValues(loss=self._zero(), grad_norm=self._zero(), lr=0.0,
                                  bad=torch.zeros((), dtype=torch.bool, device=dist.device),
@@ -103,7 +108,7 @@ class Trainer:
             self.maybe_eval(self.progress.step, last=True)
         while self.progress.step < max_steps:
             step = self.progress.step + 1
-            with self._sync_check(step):
+            with self.profiler.step(step), self._sync_check(step):
                 self.train_step(step)
             self.faults.after_step(step)
             last = step == max_steps
