@@ -395,11 +395,14 @@ class PeftConfig:
     """Modules trained in full next to the adapters, as fp32 master weights: each entry matches a
     module whose dotted name ends with it as whole components (`norm` is the final norm only,
     `input_layernorm` every layer's). An entry matching nothing is an error."""
-    fused: bool = False
+    fused: str = AUTO
     """Run each LoRA linear as one fused autograd node (ftcluster/model/fused_lora.py): the base
     projection and the low-rank update in one pass, the update accumulated by the same GEMM, no
-    separate adapter output tensor. Same losses within float rounding. Off by default until the
-    H200 rows of bench/perf.sh show it faster; not with peft.dropout > 0 or parallel=zero3."""
+    separate adapter output tensor. Same losses within float rounding; on one H200 (8B LoRA, seq
+    4096) 1.06x the tokens/s of peft's forward (bench/RESULTS.md, issue 18). `auto` (default): on
+    where the ranks run on CUDA with an adapter method, peft.dropout=0 and a backend other than
+    zero3, else off (the layout says why); `true` insists (a clear error where it cannot apply);
+    `false`: peft's own forward."""
 
     def validate(self) -> None:
         _one_of(self.method, "peft.method", PEFT_METHODS)
@@ -410,8 +413,9 @@ class PeftConfig:
             _require(len(self.target_modules) > 0, "peft.target_modules", "must name at least one module")
         _require(self.method != "none" or not self.trainable_modules, "peft.trainable_modules",
                  "only with an adapter method (peft=none trains every parameter already)")
-        _require(self.method != "none" or not self.fused, "peft.fused", "only with an adapter method (lora, qlora, longlora)")
-        _require(not self.fused or self.dropout == 0.0, "peft.fused",
+        fused = tri_state(self.fused, "peft.fused")
+        _require(self.method != "none" or not fused, "peft.fused", "only with an adapter method (lora, qlora, longlora)")
+        _require(not fused or self.dropout == 0.0, "peft.fused",
                  f"the fused LoRA linear has no dropout; set peft.dropout=0 (got {self.dropout}) or peft.fused=false")
         _require(all(bool(m) and not m.startswith(".") and not m.endswith(".") for m in self.trainable_modules),
                  "peft.trainable_modules", f"entries must be module names like embed_tokens; got {self.trainable_modules}")
@@ -1206,7 +1210,7 @@ class JobConfig:
         _require(self.debug.fail_at_step <= self.train.max_steps, "debug.fail_at_step", "must be <= train.max_steps")
         self._validate_restarts()
         self._validate_objective()
-        if self.peft.fused:
+        if tri_state(self.peft.fused, "peft.fused"):
             # DeepSpeed ZeRO-3 gathers a parameter when its own module runs; the fused node reads
             # lora_A/lora_B's weights without calling those modules.
             _require(self.parallel.backend != "zero3", "peft.fused",

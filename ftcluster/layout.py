@@ -1,7 +1,7 @@
 """The layout a run trains with: the `auto` knobs of the config resolved to concrete values.
 
-`train.micro_batch_size`, `train.grad_accum`, `train.activation_checkpointing` and `model.liger`
-may be `auto` (their default). `resolve_layout` turns them into a `Layout` from the memory plan
+`train.micro_batch_size`, `train.grad_accum`, `train.activation_checkpointing`, `model.liger` and
+`peft.fused` may be `auto` (their default). `resolve_layout` turns them into a `Layout` from the memory plan
 (ftcluster/plan.py) and what this machine has (CUDA or not, free GPU memory or
 `train.memory_budget_gib`, Liger installed or not); an explicit value always wins. `apply_layout`
 returns a copy of the job with those values filled in, so the code that builds batches, modules
@@ -35,6 +35,8 @@ class Layout:
     """One of config.AC_MODES."""
     activation_checkpointing_every: int
     liger: bool
+    fused: bool = False
+    """peft.fused: LoRA linears as one fused node (ftcluster/model/fused_lora.py)."""
     budget_gib: Optional[float] = None
     """The GPU memory the plan had to fit (per rank), None on a CPU."""
     predicted_peak_gib: Optional[float] = None
@@ -45,14 +47,14 @@ class Layout:
         return {"event": "layout", "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum,
                 "activation_checkpointing": self.activation_checkpointing,
                 "activation_checkpointing_every": self.activation_checkpointing_every, "liger": self.liger,
-                "budget_gib": self.budget_gib, "predicted_peak_gib": self.predicted_peak_gib, "why": list(self.why)}
+                "fused": self.fused, "budget_gib": self.budget_gib, "predicted_peak_gib": self.predicted_peak_gib, "why": list(self.why)}
 
     def describe(self) -> str:
         ac = self.activation_checkpointing
         ac = f"selective (every {self.activation_checkpointing_every})" if ac == "selective" else ac
         peak = "" if self.predicted_peak_gib is None else f", planned peak {self.predicted_peak_gib:.1f} of {self.budget_gib:.1f} GiB"
         return (f"micro-batch {self.micro_batch_size} x accumulation {self.grad_accum}, activation checkpointing {ac}, "
-                f"liger {'on' if self.liger else 'off'}{peak}")
+                f"liger {'on' if self.liger else 'off'}, fused LoRA {'on' if self.fused else 'off'}{peak}")
 
 
 def global_batch_size(job: JobConfig, *, world_size: int) -> int:
@@ -81,6 +83,21 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def _fused_lora(job: JobConfig, *, device_type: str, why: list[str]) -> bool:
+    """peft.fused=auto: on where it applies and was measured faster (CUDA ranks; bench/RESULTS.md
+    issue 18); explicit values were checked at compose."""
+    asked = tri_state(job.peft.fused, "peft.fused")
+    if asked is not None:
+        return asked
+    if job.peft.method == "none":
+        return False  # nothing to fuse: not worth a line
+    reason = ("not on a GPU" if device_type != "cuda" else
+              f"peft.dropout={job.peft.dropout} (the fused node has none)" if job.peft.dropout else
+              "parallel=zero3 (gathers each parameter when its own module runs)" if job.parallel.backend == "zero3" else None)
+    why.append("fused LoRA on: the ranks run on CUDA" if reason is None else f"fused LoRA off: {reason}")
+    return reason is None
+
+
 def resolve_layout(job: JobConfig, *, world_size: int, nodes: int = 1, device_type: str,
                    free_gib: Optional[float] = None, liger_installed: Optional[bool] = None) -> Layout:
     """The concrete layout. `free_gib`: the smallest free GPU memory over the ranks (ignored when
@@ -100,6 +117,7 @@ def resolve_layout(job: JobConfig, *, world_size: int, nodes: int = 1, device_ty
                    f"liger off: {'not on a GPU' if device_type != 'cuda' else 'liger-kernel is not installed'}")
     else:
         liger = liger_asked
+    fused = _fused_lora(job, device_type=device_type, why=why)
     if mb_fixed is not None and accum_fixed is not None:
         if t.global_batch_size is not None or t.global_batch_tokens is not None:
             if mb_fixed * accum_fixed != per_rank:
@@ -121,7 +139,7 @@ def resolve_layout(job: JobConfig, *, world_size: int, nodes: int = 1, device_ty
         if mb_fixed is None:
             why.append(f"micro-batch {mb}: the whole per-rank batch (on a CPU)")
         return Layout(micro_batch_size=mb, grad_accum=accum_fixed or per_rank // mb, activation_checkpointing=ac,
-                      activation_checkpointing_every=every, liger=liger, why=tuple(why))
+                      activation_checkpointing_every=every, liger=liger, fused=fused, why=tuple(why))
     from ftcluster.plan import choose_layout
 
     budget = t.memory_budget_gib if t.memory_budget_gib is not None else free_gib
@@ -133,7 +151,7 @@ def resolve_layout(job: JobConfig, *, world_size: int, nodes: int = 1, device_ty
     why.extend(choice.why)
     return Layout(micro_batch_size=choice.micro_batch_size, grad_accum=per_rank // choice.micro_batch_size,
                   activation_checkpointing=choice.activation_checkpointing,
-                  activation_checkpointing_every=choice.activation_checkpointing_every, liger=liger,
+                  activation_checkpointing_every=choice.activation_checkpointing_every, liger=liger, fused=fused,
                   budget_gib=budget, predicted_peak_gib=choice.predicted_peak_gib, why=tuple(why))
 
 
@@ -143,12 +161,13 @@ def apply_layout(job: JobConfig, layout: Layout) -> JobConfig:
                                 activation_checkpointing=layout.activation_checkpointing,
                                 activation_checkpointing_every=layout.activation_checkpointing_every)
     model = dataclasses.replace(job.model, liger=str(layout.liger).lower())
-    return dataclasses.replace(job, train=train, model=model)
+    peft = dataclasses.replace(job.peft, fused=str(layout.fused).lower())
+    return dataclasses.replace(job, train=train, model=model, peft=peft)
 
 
 def has_auto(job: JobConfig) -> bool:
     t = job.train
-    return AUTO in (t.micro_batch_size, t.grad_accum, t.activation_checkpointing, job.model.liger)
+    return AUTO in (t.micro_batch_size, t.grad_accum, t.activation_checkpointing, job.model.liger, job.peft.fused)
 
 
 def concrete(job: JobConfig) -> JobConfig:

@@ -89,3 +89,24 @@ def test_a_run_records_and_prints_its_layout(tmp_path) -> None:
     assert len(ev) == 1 and ev[0]["micro_batch_size"] == 4 and ev[0]["grad_accum"] == 1
     assert ev[0]["activation_checkpointing"] == "none" and ev[0]["liger"] is False
     assert "memory      micro-batch 4 x accumulation 1, activation checkpointing none, liger off" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("overrides, on, why", [
+    (("peft=lora",), True, "fused LoRA on"),
+    (("peft=qlora",), True, "fused LoRA on"),
+    (("peft=lora", "peft.dropout=0.1"), False, "peft.dropout=0.1"),
+    (("peft=lora", "parallel=zero3"), False, "parallel=zero3"),
+    (("peft=lora", "peft.fused=false"), False, None),
+    (("peft=none",), False, None),
+])
+def test_fused_lora_auto_is_on_for_gpu_ranks_where_it_applies(overrides: tuple[str, ...], on: bool, why) -> None:  # type: ignore[no-untyped-def]
+    """peft.fused=auto on CUDA ranks (planned against a budget, no GPU needed): on unless dropout
+    or ZeRO-3 rule it out, and the layout says which; explicit false and peft=none stay off."""
+    job = compose_job(*overrides, "train.memory_budget_gib=40")
+    lay = resolve_layout(job, world_size=1, device_type="cuda", liger_installed=False)
+    assert lay.fused is on
+    lines = [w for w in lay.why if w.startswith("fused LoRA")]
+    assert (lines == []) if why is None else (len(lines) == 1 and why in lines[0]), lay.why
+    assert apply_layout(job, lay).peft.fused == str(on).lower()
+    cpu = resolve_layout(job, world_size=1, device_type="cpu", liger_installed=False)
+    assert cpu.fused is False  # CPU ranks: peft's forward (the goldens' path)

@@ -210,3 +210,31 @@ def test_two_rank_fsdp2_cli_run_fused_matches_unfused(workdir) -> None:  # type:
     assert sorted(runs["true"]) == sorted(runs["false"]) == list(range(1, 7))
     for step, l0 in runs["false"].items():
         assert abs(runs["true"][step] - l0) <= 0.01 * l0, (step, l0, runs["true"][step])
+
+
+@pytest.mark.parametrize("mode", ["full", "offload"])
+def test_fused_under_activation_checkpointing_matches_peft_gradients(mode: str) -> None:
+    """The auto layout pairs the fused node with checkpointing when memory is short: the recompute
+    re-runs the fused forward inside the checkpoint; every gradient equals the unfused,
+    uncheckpointed build's (fp32)."""
+    ids = torch.randint(6, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for fused, ac in ((False, "none"), (True, mode)):
+        j = tiny_job(f"peft.fused={str(fused).lower()}", f"train.activation_checkpointing={ac}")
+        module = build_module(j).module
+        materialize(module, cfg=j.model, seed=j.seed, device=torch.device("cpu"))
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+        assert (sum(type(m) is FusedLoraLinear for m in module.modules()) > 0) == fused
+        module.train()
+        loss = module(lm_batch(ids))
+        loss.backward()
+        out[fused] = (loss.item(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
+    (l0, g0), (l1, g1) = out[False], out[True]
+    assert abs(l1 - l0) <= 1e-5 * abs(l0), (l0, l1)
+    assert set(g0) == set(g1)
+    for n in g0:
+        err, scale = (g1[n] - g0[n]).abs().max().item(), g0[n].abs().max().item()
+        assert scale > 0 and err <= 1e-5 * scale, (n, err, scale)

@@ -185,7 +185,7 @@ def build_module(job: JobConfig, *, objective: Objective | None = None, packed: 
         module = TrainModule(model=hf_model, hf_model=hf_model, objective=objective or build_objective(job))
         return BuiltModule(module=module, hf_model=hf_model, layers=layers, counts=count_params(module))
     trained = apply_peft(hf_model, job, layers=layers)
-    if job.peft.fused:
+    if tri_state(job.peft.fused, "peft.fused"):  # auto: resolved by layout.py (a module built outside it: off)
         # After PEFT and QLoRA's NF4 swap (the base layers are final), before checkpointing,
         # compile and sharding: each LoRA linear becomes one fused node (same parameters).
         from ftcluster.model.fused_lora import apply_fused_lora
