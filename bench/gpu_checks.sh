@@ -18,14 +18,17 @@ export TORCH_CUDA_ARCH_LIST=9.0
 # A cold machine spends most of a minute compiling Triton/flex-attention kernels before the first
 # step (2026-12-02: three 45-s timeouts), hence SYNC_TIMEOUT.
 B="train.max_steps=10 train.log_every=4 debug.sync_check=true eval.every_steps=0 eval.at_start=false checkpoint.enabled=false logger=none"
-for c in ${SYNC_CASES:-"default|" "catch|debug.sync_at_step=5"}; do
+# Liger's fused linear cross-entropy (liger-kernel 0.8.5) reads a count with .item() in every
+# forward (2026-12-03, bench/RESULTS.md): "default" stops there; "noliger" checks the rest of the
+# step, and "catch" runs without Liger so that the sync it must catch is ours.
+for c in ${SYNC_CASES:-"default|" "noliger|model.liger=false" "catch|model.liger=false debug.sync_at_step=5"}; do
   n=${c%%|*}; o=${c#*|}
   timeout "${SYNC_TIMEOUT:-150}" python3 -m ftcluster train $B $o run.dir="$OUT/sync_$n" > "$OUT/sync_$n.log" 2>&1
   rc=$?
   { echo "$n rc=$rc logged_steps=$(grep -c '"loss"' "$OUT/sync_$n/metrics.jsonl" 2>/dev/null)" \
          "layout: $(grep -o '"micro_batch_size".*"fused": [a-z]*' "$OUT/sync_$n/metrics.jsonl" 2>/dev/null | head -1)"
     grep -iE "synchroniz|Error" "$OUT/sync_$n.log" | head -3; } | tee -a "$OUT/sync.txt"
-done  # expected: default rc=0 logged_steps=3; catch rc!=0 naming the synchronizing operation
+done  # expected: default and noliger rc=0 logged_steps=3; catch rc!=0 naming the synchronizing operation
 PEERS=0 UNSLOTH=0 MAIN_STEPS=${MAIN_STEPS:-10} SHORT_STEPS=${SHORT_STEPS:-10} RUNS="ours_auto ours_qlora_auto" \
   bash bench/perf.sh > "$OUT/perf_stdout.txt" 2>&1
 timeout 200 python3 -m ftcluster train model=llama3_8b peft=lora data=synthetic data.synthetic_samples=512 data.max_seq_len=4096 \

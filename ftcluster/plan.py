@@ -32,11 +32,12 @@ CALIBRATION: dict[str, float] = {
     "slack_fraction": 0.08,
     "slack_fixed_gib": 1.0,
     # The same under expandable segments (the ranks' default since 2026-12-03, ftcluster/distributed.py),
-    # which map one growing region per stream instead of caching fixed blocks. Provisional: PyTorch's
-    # allocator notes put the overhead at page rounding (2 MiB per segment); these constants are a
-    # guess until bench/plan_check.sh re-measures reserved under the new default.
-    "slack_fraction_expandable": 0.02,
-    "slack_fixed_gib_expandable": 0.25,
+    # which map one growing region per stream instead of caching fixed blocks. Fitted on the five
+    # 8B runs of bench/RESULTS.md issue 18 (2026-12-03, one H200), reserved - allocated: 0.04 (LoRA
+    # mb 4), 0.09 (the same, peft's forward), 0.36 (QLoRA mb 4), 0.56 (offload mb 1), 1.42 GiB (LoRA
+    # mb 4 without Liger, 112 GiB allocated): about 1% + 0.3 GiB.
+    "slack_fraction_expandable": 0.01,
+    "slack_fixed_gib_expandable": 0.3,
     # More ranks: collectives run on their own streams and the caching allocator keeps per-stream
     # pools, so reserved grows further: at 2 ranks reserved - allocated was 4.2 (8B LoRA), 3.0 (8B,
     # seq 2048), 5.9 (70B LoRA), 3.9 GiB (1B full) against 2.3-2.7 GiB at one rank.

@@ -17,21 +17,27 @@ from ftcluster.compose import compose_job  # noqa: F401 - tests import it from h
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Scheduling under pytest-xdist (the README's `-n 2 --dist loadgroup`): each test file is one
-# xdist group, so a module-scoped fixture (test_export's trained runs, test_deepspeed's ZeRO-3
-# reference, ...) is built once, not once per worker; and the files that start a Ray cluster or
-# submit to the one-node Slurm share one group, so they take turns on those services instead of
-# running on both workers at once. tryfirst: xdist's own collection hook turns xdist_group markers
-# into node ids, so ours must add them before it runs (without it, found 2026-12-02, no test was
-# grouped: `-v` showed no `@<group>` suffix).
+# Scheduling under pytest-xdist (the README's `-n 2 --dist loadgroup`): a file whose module-scoped
+# fixture trains real runs is one xdist group, so the fixture is built once, not once per worker;
+# the files that start a Ray cluster or submit to the one-node Slurm share one group, so they take
+# turns on those services instead of running on both workers at once; every other test is dealt
+# to whichever worker is free (with one group per file, CI took 56 minutes against 45 before,
+# 2026-12-02; the likely cause: a long file holds one worker while the other idles). tryfirst: xdist's own collection hook turns
+# xdist_group markers into node ids, so ours must add them before it runs (without it, found
+# 2026-12-02, no test was grouped: `-v` showed no `@<group>` suffix).
 CLUSTER_TEST_FILES = frozenset({"test_ray.py", "test_slurm.py", "test_sweep.py"})
+TRAINED_FIXTURE_FILES = frozenset({"test_checkpoint_integrity.py", "test_deepspeed.py", "test_export.py",
+                                   "test_qlora.py", "test_sharded_load.py", "test_train_e2e.py"})
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("cluster" if name in CLUSTER_TEST_FILES else name))
+        if name in CLUSTER_TEST_FILES:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+        elif name in TRAINED_FIXTURE_FILES:
+            item.add_marker(pytest.mark.xdist_group(name))
 
 
 def cli_env(**extra: str) -> dict[str, str]:
