@@ -224,6 +224,57 @@ def test_plan_matches_the_h200_calibration_runs() -> None:
         assert p.total > p.detail["allocated"]  # reserved >= allocated
 
 
+@pytest.mark.parametrize("conf, expandable", [(None, True), ("expandable_segments:True", True),
+                                               ("expandable_segments:False", False), ("max_split_size_mb:128", False),
+                                               ("max_split_size_mb:128, expandable_segments:True", True)])
+def test_the_planner_reads_the_ranks_allocator_setting(conf, expandable, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Unset, the ranks get expandable segments (ftcluster/distributed.py) and the plan's slack is
+    the small one; a user's own setting wins, and without expandable segments the slack is the
+    caching allocator's 8% + 1 GiB."""
+    from ftcluster.distributed import expandable_segments
+
+    if conf is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", conf)
+    assert expandable_segments() is expandable
+    job = compose_job("model=llama3_8b", "peft=lora", "data=synthetic", "data.max_seq_len=4096")
+    p = plan_memory(job, world_size=1, micro_batch_size=4, activation_checkpointing="none",
+                    activation_checkpointing_every=1, liger=True)
+    alloc = p.detail["allocated"]
+    want = 0.01 * alloc + 0.3 * GIB if expandable else 0.08 * alloc + 1.0 * GIB
+    assert p.slack == pytest.approx(want, abs=1)
+
+
+def test_init_distributed_sets_expandable_segments_unless_the_user_did(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The setting must be in the rank's environment before its first CUDA allocation; a user's
+    value is left alone. (Runs the real entry in a fresh process: one gloo rank.)"""
+    code = ("import os; from ftcluster.distributed import init_distributed, shutdown; init_distributed(); "
+            "print(os.environ['PYTORCH_CUDA_ALLOC_CONF']); shutdown()")
+    for given, seen in ((None, "expandable_segments:True"), ("max_split_size_mb:64", "max_split_size_mb:64")):
+        env = cli_env()
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        env.pop("RANK", None)
+        if given:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == seen
+
+
+def test_plan_matches_the_reserved_peaks_measured_under_expandable_segments(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The 8B runs of bench/RESULTS.md issue 18 (2026-12-03, one H200, expandable segments): planned
+    reserved within 5% where the plan is fitted (no checkpointing), and the offload row's known
+    under-prediction (-8.8%) stays within the issue's 10%."""
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    base = ("model=llama3_8b", "data=synthetic", "data.max_seq_len=4096")
+    for peft, mb, ac, liger, reserved, rel in (("lora", 4, "none", True, 84.30, 0.05), ("qlora", 4, "none", True, 75.08, 0.05),
+                                              ("lora", 4, "none", False, 113.36, 0.05), ("lora", 1, "offload", True, 18.56, 0.10)):
+        p = plan_memory(compose_job(*base, f"peft={peft}"), world_size=1, micro_batch_size=mb, activation_checkpointing=ac,
+                        activation_checkpointing_every=1, liger=liger)
+        assert p.total / GIB == pytest.approx(reserved, rel=rel), (peft, mb, ac, liger, p.total / GIB)
+
+
 def _choose(job, budget: float, **fixed):  # type: ignore[no-untyped-def]
     kw = {"micro_batch_size": None, "activation_checkpointing": None, "activation_checkpointing_every": None, **fixed}
     return choose_layout(job, world_size=1, nodes=1, budget_gib=budget, liger=True, per_rank_batch=4, **kw)
