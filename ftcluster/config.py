@@ -857,6 +857,12 @@ class TrainConfig:
     """`selective`: recompute every k-th decoder layer, counting from the first: layers 0, k, 2k, ...
     (index % k == 0; k=1 is `full`); the others keep their activations. Unset: 2, or the plan's
     choice under `auto`."""
+    mlp_tile_tokens: int = 0
+    """Run each decoder layer's MLP over its tokens in tiles of this many (0 = whole micro-batch;
+    ftcluster/model/tiled_mlp.py): only the MLP's input is kept, the backward recomputes one tile at
+    a time, so the MLP's intermediates (3 x intermediate_size per token) exist for one tile. For
+    very long sequences, where they are the largest tensors; costs one more MLP forward per step.
+    FSDP2 only, not with model.compile."""
     memory_budget_gib: Optional[float] = None
     """GPU memory (GiB per rank) the auto layout must fit; unset: the GPU's free memory at start.
     Lets a 24 or 48 GB card be planned for (and tested on a bigger one)."""
@@ -881,6 +887,7 @@ class TrainConfig:
         ac_mode(self.activation_checkpointing)
         _require(self.activation_checkpointing_every is None or self.activation_checkpointing_every >= 1,
                  "train.activation_checkpointing_every", f"must be >= 1; got {self.activation_checkpointing_every}")
+        _require(self.mlp_tile_tokens >= 0, "train.mlp_tile_tokens", f"must be >= 0 (0 = off); got {self.mlp_tile_tokens}")
         _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "train.memory_budget_gib",
                  f"must be > 0; got {self.memory_budget_gib}")
         _require(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0; got {self.grad_clip}")
@@ -1210,6 +1217,13 @@ class JobConfig:
         _require(self.debug.fail_at_step <= self.train.max_steps, "debug.fail_at_step", "must be <= train.max_steps")
         self._validate_restarts()
         self._validate_objective()
+        if self.train.mlp_tile_tokens:
+            # The tile's inner backward accumulates into the parameters' .grad inside the layer's
+            # backward: tested under FSDP2; DeepSpeed gathers (ZeRO-3) and hooks gradients its own way.
+            _require(self.parallel.backend == FSDP2_BACKEND, "train.mlp_tile_tokens",
+                     f"only with parallel=fsdp2 (got {self.parallel.backend}); or set train.mlp_tile_tokens=0")
+            _require(not self.model.compile, "train.mlp_tile_tokens",
+                     "not with model.compile=true (the tiles' inner backward is a graph break); set one of them off")
         if tri_state(self.peft.fused, "peft.fused"):
             # DeepSpeed ZeRO-3 gathers a parameter when its own module runs; the fused node reads
             # lora_A/lora_B's weights without calling those modules.

@@ -279,9 +279,20 @@ def layer_activation_bytes(job: JobConfig, *, shape: Shape, tokens: int, seq_len
     out["o_lora"] = lora("o_proj", q)
     out["post_norm"] = norm()
     out["mlp_input"] = T * c * h
+    if mlp_tile(job, tokens=T) is not None:
+        # train.mlp_tile_tokens: the tiled MLP saves its input alone (the tiles' intermediates live
+        # only inside its backward: _activations' working set).
+        out["mlp_lora"] = out["mlp"] = 0
+        return out
     out["mlp_lora"] = lora("gate_proj", h) + lora("up_proj", h) + lora("down_proj", i)
     out["mlp"] = T * c * i * (3 if liger else 4)
     return out
+
+
+def mlp_tile(job: JobConfig, *, tokens: int) -> Optional[int]:
+    """Tokens per MLP tile when train.mlp_tile_tokens tiles a micro-batch of `tokens`, else None."""
+    tile = job.train.mlp_tile_tokens
+    return tile if 0 < tile < tokens else None
 
 
 def _loss_bytes(job: JobConfig, *, shape: Shape, tokens: int, liger: bool) -> int:
@@ -415,8 +426,12 @@ def _activations(job: JobConfig, *, shape: Shape, layers: int, tokens: int, mode
         host = layers * ckpt_in
     # One layer's backward working set: the gradient of one MLP branch and of the residual stream
     # (the recomputed layer's saved tensors are freed as its backward consumes them). Fitted on the
-    # issue-6 slope (8B, full checkpointing, 16k-64k tokens: 0.427 MiB per token).
-    acts += tokens * c * (shape.intermediate + shape.hidden)
+    # issue-6 slope (8B, full checkpointing, 16k-64k tokens: 0.427 MiB per token). Tiled MLP: the
+    # branch gradient is one tile's, plus the tile's recomputed intermediates (as untiled saves).
+    tile = mlp_tile(job, tokens=tokens)
+    acts += tokens * c * shape.hidden + (tokens if tile is None else tile) * c * shape.intermediate
+    if tile is not None:
+        acts += tile * c * shape.intermediate * (3 if liger else 4)
     acts += tokens * c * shape.hidden  # the final norm's output: the head's input
     return acts, host, per_layer
 

@@ -157,11 +157,13 @@ def test_zero_offload_moves_optimizer_state_to_the_host_of_each_rank() -> None:
     assert off.host_bytes - on.host_bytes == 8 * moved  # 8 ranks per node, each its own share
 
 
-def test_layer_activation_bytes_match_autograd_saved_tensors_of_a_real_layer() -> None:
+@pytest.mark.parametrize("tiles", [(), ("train.mlp_tile_tokens=16",)], ids=["whole", "tiled-mlp"])
+def test_layer_activation_bytes_match_autograd_saved_tensors_of_a_real_layer(tiles: tuple[str, ...]) -> None:
     """Sum of unique storages autograd saves in one LoRA decoder layer (bf16, CPU, sdpa) equals the
-    derivation. CPU sdpa dispatches to its flash kernel for causal attention without a mask and saves
-    q, k, v, output and logsumexp as the GPU's flash kernel does (the math path would save T x T)."""
-    job = compose_job(*SMALL, "peft=lora", "model.num_layers=1")
+    derivation, with the MLP whole or tiled. CPU sdpa dispatches to its flash kernel for causal
+    attention without a mask and saves q, k, v, output and logsumexp as the GPU's flash kernel does
+    (the math path would save T x T)."""
+    job = compose_job(*SMALL, "peft=lora", "model.num_layers=1", *tiles)
     from ftcluster.layout import concrete
     from ftcluster.model import build_module
 

@@ -2,7 +2,8 @@
 
 Order (each step's constraint in its docstring): transformers config -> model on the meta device
 (attention implementation and Liger kernels chosen here) -> decoder layers found once -> PEFT
-transform -> fused LoRA linears (ftcluster/model/fused_lora.py, `peft.fused`) -> activation
+transform -> fused LoRA linears (ftcluster/model/fused_lora.py, `peft.fused`) -> tiled MLPs
+(ftcluster/model/tiled_mlp.py, `train.mlp_tile_tokens`) -> activation
 checkpointing (ftcluster/model/checkpointing.py) -> per-layer torch.compile (ftcluster/model/compile.py)
 -> `TrainModule` (the model plus the objective's loss head).
 Then `parallelize` shards it and materialises the local shards (ftcluster/model/weights.py); no
@@ -191,6 +192,12 @@ def build_module(job: JobConfig, *, objective: Objective | None = None, packed: 
         from ftcluster.model.fused_lora import apply_fused_lora
 
         apply_fused_lora(trained)
+    if job.train.mlp_tile_tokens:
+        # After PEFT and fused LoRA (the tile recomputes the MLP's final projections), before
+        # checkpointing: a checkpointed layer's recompute then runs the tiled MLP too.
+        from ftcluster.model.tiled_mlp import apply_tiled_mlp
+
+        apply_tiled_mlp(layers, tile_tokens=job.train.mlp_tile_tokens)
     mode = ac_mode(job.train.activation_checkpointing)
     if mode != "auto":  # auto: resolved by layout.py before training (a module built outside it: none)
         # After PEFT (the layers hold their adapters), before compile and sharding.
