@@ -90,6 +90,23 @@ def one_gloo_rank_engine(job, built):  # type: ignore[no-untyped-def]
         dist.destroy_process_group()
 
 
+def live_adapter_module(job):  # type: ignore[no-untyped-def]
+    """`build_module(job).module` materialised on the CPU from the job's seed, with every LoRA B set
+    to small seeded values (B starts at zero, which would make the adapters' update vanish and
+    their A-gradients zero, so a broken update could not show)."""
+    import torch
+
+    from ftcluster.model import build_module, materialize
+
+    module = build_module(job).module
+    materialize(module, cfg=job.model, seed=job.seed, device=torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    return module
+
+
 def lm_batch(ids, labels=None):  # type: ignore[no-untyped-def]
     """A typed Batch of token ids whose (already shifted) labels are `labels` (default: the ids)."""
     from ftcluster.data import IGNORE_INDEX, Batch

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import compose_job, lm_batch, losses, one_gloo_rank_engine, train_ok
+from conftest import compose_job, live_adapter_module, lm_batch, losses, one_gloo_rank_engine, train_ok
 from ftcluster.compose import register_configs
 from ftcluster.config import ConfigError
-from ftcluster.model import build_module, materialize
+from ftcluster.model import build_module
 from ftcluster.model.fused_lora import FusedLoraLinear, FusedLoRAFn, apply_fused_lora
 from ftcluster.quant import NF4Linear, quantize_nf4
 
@@ -132,12 +132,7 @@ def test_whole_model_loss_and_every_gradient_match_the_unfused_build(peft: str) 
     out = {}
     for fused in (False, True):
         j = tiny_job(f"peft={peft}", f"peft.fused={str(fused).lower()}")
-        module = build_module(j).module
-        materialize(module, cfg=j.model, seed=j.seed, device=torch.device("cpu"))
-        for n, p in module.named_parameters():  # B starts at zero: make the update count
-            if "lora_B" in n:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+        module = live_adapter_module(j)
         fused_count = sum(type(m) is FusedLoraLinear for m in module.modules())
         assert (fused_count > 0) == fused, fused_count
         loss = module(lm_batch(ids))
@@ -221,12 +216,7 @@ def test_fused_under_activation_checkpointing_matches_peft_gradients(mode: str) 
     out = {}
     for fused, ac in ((False, "none"), (True, mode)):
         j = tiny_job(f"peft.fused={str(fused).lower()}", f"train.activation_checkpointing={ac}")
-        module = build_module(j).module
-        materialize(module, cfg=j.model, seed=j.seed, device=torch.device("cpu"))
-        for n, p in module.named_parameters():
-            if "lora_B" in n:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+        module = live_adapter_module(j)
         assert (sum(type(m) is FusedLoraLinear for m in module.modules()) > 0) == fused
         module.train()
         loss = module(lm_batch(ids))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose_job, lm_batch, losses, train_ok
+from conftest import compose_job, live_adapter_module, lm_batch, losses, train_ok
 from ftcluster.compose import register_configs
 from ftcluster.model import build_module, materialize
 from ftcluster.model.tiled_mlp import TiledMLPFn
@@ -18,12 +18,7 @@ torch.set_num_threads(1)
 
 def _loss_and_grads(*overrides: str) -> tuple[float, dict[str, torch.Tensor], list[str]]:
     job = compose_job("train.dtype=fp32", *overrides)
-    module = build_module(job).module
-    materialize(module, cfg=job.model, seed=job.seed, device=torch.device("cpu"))
-    for n, p in module.named_parameters():  # B starts at zero: make the adapters count
-        if "lora_B" in n:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    module = live_adapter_module(job)
     module.train()
     ids = torch.randint(6, 1000, (2, 32), generator=torch.Generator().manual_seed(3))
     loss = module(lm_batch(ids))
