@@ -1215,6 +1215,9 @@ class JobConfig:
             _require(self.model.tokenizer is not None or self.model.path is not None, "model.tokenizer",
                      "a tokenizer directory is required to tokenise data (or use data.format=synthetic)")
         _require(self.debug.fail_at_step <= self.train.max_steps, "debug.fail_at_step", "must be <= train.max_steps")
+        _require(not self.debug.profile_steps or self.debug.profile_from_step + self.debug.profile_steps - 1 <= self.train.max_steps,
+                 "debug.profile_from_step", f"the profiled steps {self.debug.profile_from_step}.."
+                 f"{self.debug.profile_from_step + self.debug.profile_steps - 1} must end by train.max_steps={self.train.max_steps}")
         self._validate_restarts()
         self._validate_objective()
         if self.train.mlp_tile_tokens:

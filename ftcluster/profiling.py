@@ -15,10 +15,8 @@ eval and save points between them are excluded) and each rank writes into <run.d
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -101,11 +99,7 @@ class StepProfiler:
                    "top_ops": [{"name": e.key, "self_time_ms": round(_self_time(e, on_gpu) / 1e3, 3), "calls": e.count}
                                for e in sorted(events, key=lambda e: -_self_time(e, on_gpu))[:15]]}
         (self.out_dir / f"rank{self.rank}_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        trace = self.out_dir / f"rank{self.rank}_trace.json"
-        prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        trace.unlink()
+        prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}_trace.json.gz"))  # torch gzips a .gz path
         log.info("debug.profile_steps: steps %d-%d profiled into %s (device busy %s of the wall time)",
                  self.first, self.last, self.out_dir,
                  "-" if busy is None else f"{busy / wall_us:.0%}")

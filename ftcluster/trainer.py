@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -79,8 +78,8 @@ class Trainer:
                  ckpt: CheckpointManager, metrics: MetricsLogger, throughput: ThroughputWindow,
                  progress: TrainProgress, stops: StopRequests, faults: Faults, saved_state: dict[str, Any],
                  config_yaml: str, rss_before_load: float, on_log: Callable[[dict], None] | None,
-                 evaluator: Evaluator | None = None, tracker: EvalTracker | None = None,
-                 profiler: StepProfiler | None = None) -> None:
+                 profiler: StepProfiler, evaluator: Evaluator | None = None,
+                 tracker: EvalTracker | None = None) -> None:
         self.job, self.d, self.engine, self.batches, self.objective = job, dist, engine, batches, objective
         self.ckpt, self.metrics, self.throughput, self.progress = ckpt, metrics, throughput, progress
         self.stops, self.faults, self.on_log = stops, faults, on_log
@@ -88,8 +87,7 @@ class Trainer:
         self.config_yaml = config_yaml
         self.rss_before_load = rss_before_load  # GiB, for the end record's host-memory figures
         self.evaluator, self.tracker = evaluator, tracker  # None without held-out data
-        self.profiler = profiler or StepProfiler(first=1, count=0, out_dir=Path("."), rank=dist.rank,
-                                                 device_type=dist.device_type)  # debug.profile_steps off
+        self.profiler = profiler  # debug.profile_steps (a no-op when off)
         self._first_step = progress.step  # 0, or the step this segment resumed at
         self.values = StepValues(loss=self._zero(), grad_norm=self._zero(), lr=0.0,
                                  bad=torch.zeros((), dtype=torch.bool, device=dist.device),

@@ -35,3 +35,12 @@ def test_profiled_steps_write_the_table_summary_and_trace_and_train_the_same(wor
 def test_busy_time_is_the_union_of_overlapping_intervals() -> None:
     assert busy_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
     assert busy_us([]) == 0
+
+
+def test_a_profile_window_past_the_last_step_fails_at_compose_naming_the_key() -> None:
+    """Steps that never run would leave no profile and no word why: refused before any process."""
+    from conftest import compose_job
+
+    with pytest.raises(ValueError, match="debug.profile_from_step"):
+        compose_job("train.max_steps=5", "debug.profile_steps=3", "debug.profile_from_step=4")
+    compose_job("train.max_steps=6", "debug.profile_steps=3", "debug.profile_from_step=4")  # steps 4-6: fine

@@ -30,11 +30,13 @@ class TiledMLPFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, mlp: Callable[[torch.Tensor], torch.Tensor], tile: int) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(flat)  # the MLP maps hidden -> hidden; filled tile by tile (no concat copy)
         with torch.no_grad():
-            out = torch.cat([mlp(part) for part in flat.split(tile)])
+            for start in range(0, flat.shape[0], tile):
+                out[start:start + tile] = mlp(flat[start:start + tile])
         ctx.save_for_backward(x)
         ctx.mlp, ctx.tile = mlp, tile
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
