@@ -20,7 +20,7 @@
 # Whole, it runs past the device's 10-minute limit (2026-12-02: the peers alone took 300 s), so
 # PEERS=1|0, UNSLOTH=1|0, PEER_CONFIGS and RUNS (which of our rows: ours_auto ours_budget17
 # ours_budget24 ours_qlora_auto ours_auto_fused ours_auto_compile ours_compile_noliger
-# ours_offload_mb1 ours_profile) pick the
+# ours_offload_mb1 ours_fp8 ours_profile) pick the
 # parts of one command; MAIN_STEPS/SHORT_STEPS shorten the runs. Each command's table compares only
 # the rows it ran: a ratio needs both sides measured in the same command.
 # Unsloth needs a tokenizer whose vocabulary covers the model's 128,256 ids (UNS_TOKENIZER; the
@@ -68,6 +68,7 @@ declare -A ARGS=([ours_auto]="$MAIN|" [ours_budget17]="$SHORT|train.memory_budge
   [ours_auto_fused]="$MAIN|peft.fused=true"  # keep peft.fused off by default unless its row wins
   [ours_auto_compile]="$MAIN|model.compile=true" [ours_compile_noliger]="$MAIN|model.compile=true model.liger=false"
   [ours_offload_mb1]="$SHORT|train.activation_checkpointing=offload train.micro_batch_size=1"  # the 17-GiB layout, forced
+  [ours_fp8]="$MAIN|peft.fp8_base=true"  # the frozen base in FP8 (ftcluster/fp8.py), opt-in
   [ours_profile]="8|debug.profile_steps=2 debug.profile_from_step=6")  # where the auto layout's step time goes
 for r in $RUNS; do
   a=${ARGS[$r]}; steps=${a%%|*}; o=${a#*|}
@@ -101,7 +102,7 @@ def peers(fname):
 p, u = peers("peer_lora.jsonl"), peers("unsloth_peer.jsonl")
 tok = lambda d, k: (d.get(k) or {}).get("tok_s")  # noqa: E731
 runs = {n: ours(n) for n in ("ours_auto", "ours_budget17", "ours_budget24", "ours_qlora_auto", "ours_auto_fused",
-                             "ours_auto_compile", "ours_compile_noliger", "ours_offload_mb1")}
+                             "ours_auto_compile", "ours_compile_noliger", "ours_offload_mb1", "ours_fp8")}
 def lay(r):
     l = r.get("layout") or {}
     if not l:
@@ -125,7 +126,10 @@ checks = [("auto >= 2.0x peer lora4k", a, tok(p, "lora4k"), 2.0),
           ("peft.fused=true vs auto (> 1: make it the default)", runs["ours_auto_fused"].get("tok_s"), a, 1.0),
           ("offload mb 1 (forced) vs Unsloth uns_gc_mb1", runs["ours_offload_mb1"].get("tok_s"), tok(u, "uns_gc_mb1"), 1.0),
           ("model.compile=true vs auto", runs["ours_auto_compile"].get("tok_s"), a, 1.0),
-          ("model.compile=true model.liger=false vs auto", runs["ours_compile_noliger"].get("tok_s"), a, 1.0)]
+          ("model.compile=true model.liger=false vs auto", runs["ours_compile_noliger"].get("tok_s"), a, 1.0),
+          ("peft.fp8_base=true vs auto", runs["ours_fp8"].get("tok_s"), a, 1.0),
+          ("peft.fp8_base=true >= 1.25x best of peer noac_liger_mbs2/_mbs4", runs["ours_fp8"].get("tok_s"), best_noac, 1.25),
+          ("peft.fp8_base=true >= 1.1x Unsloth uns_nogc_mb4", runs["ours_fp8"].get("tok_s"), tok(u, "uns_nogc_mb4"), 1.1)]
 lines += ["", "| target | ours | baseline | ratio | needed | met |", "| --- | --- | --- | --- | --- | --- |"]
 for name, x, base, need in checks:
     ratio = x / base if x and base else None

@@ -403,6 +403,13 @@ class PeftConfig:
     where the ranks run on CUDA with an adapter method, peft.dropout=0 and a backend other than
     zero3, else off (the layout says why); `true` insists (a clear error where it cannot apply);
     `false`: peft's own forward."""
+    fp8_base: bool = False
+    """Store the frozen base linears of the decoder layers in float8 e4m3 (per-row scales) and run
+    their forward and input-gradient GEMMs in FP8 (ftcluster/fp8.py): faster GEMMs on GPUs with FP8
+    tensor cores (compute capability 8.9+), the same memory as bf16. An approximation of the base
+    (each weight to e4m3's 3-bit mantissa; bench/RESULTS.md issue 18 states the accuracy check);
+    adapters, their gradients and the loss stay in `train.dtype`. LoRA or LongLoRA with
+    parallel=fsdp2 only; export merges into the original weights."""
 
     def validate(self) -> None:
         _one_of(self.method, "peft.method", PEFT_METHODS)
@@ -419,6 +426,8 @@ class PeftConfig:
                  f"the fused LoRA linear has no dropout; set peft.dropout=0 (got {self.dropout}) or peft.fused=false")
         _require(all(bool(m) and not m.startswith(".") and not m.endswith(".") for m in self.trainable_modules),
                  "peft.trainable_modules", f"entries must be module names like embed_tokens; got {self.trainable_modules}")
+        _require(not self.fp8_base or self.method in ("lora", "longlora"), "peft.fp8_base",
+                 f"only with peft=lora or longlora (a frozen bf16 base to store in FP8); got peft.method={self.method}")
 
 
 # --- objective: one schema per training objective (`objective=sft|dpo`) -------------------------
@@ -1227,6 +1236,13 @@ class JobConfig:
                      f"only with parallel=fsdp2 (got {self.parallel.backend}); or set train.mlp_tile_tokens=0")
             _require(not self.model.compile, "train.mlp_tile_tokens",
                      "not with model.compile=true (the tiles' inner backward is a graph break); set one of them off")
+        if self.peft.fp8_base:
+            # Like QLoRA's NF4 state, the flat FP8 state is sharded by FSDP2 byte-exactly; ZeRO
+            # would cast, flatten or partition it.
+            _require(self.parallel.backend == FSDP2_BACKEND, "peft.fp8_base",
+                     f"only with parallel=fsdp2 (got {self.parallel.backend})")
+            _require(self.checkpoint.adapter_only, "peft.fp8_base",
+                     "not with checkpoint.adapter_only=false: the FP8 base is rebuilt from model.path or the seed, never saved")
         if tri_state(self.peft.fused, "peft.fused"):
             # DeepSpeed ZeRO-3 gathers a parameter when its own module runs; the fused node reads
             # lora_A/lora_B's weights without calling those modules.

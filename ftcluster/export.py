@@ -123,7 +123,10 @@ def build_skeleton(job: JobConfig) -> tuple[nn.Module, nn.Module]:
     device: the same parameter names, shapes and PEFT wrapping (QLoRA's NF4 layers included)."""
     from ftcluster.model import build_module
 
-    job = dataclasses.replace(job, model=dataclasses.replace(job.model, liger=False))  # GPU kernels change no parameter
+    # GPU kernels change no parameter; the FP8 base (a compute format of the frozen weights) is
+    # not exported: adapters merge into the original weights.
+    job = dataclasses.replace(job, model=dataclasses.replace(job.model, liger=False),
+                              peft=dataclasses.replace(job.peft, fp8_base=False))
     built = build_module(job)
     return built.module, built.hf_model
 
@@ -183,13 +186,13 @@ class BaseWeights:
         self.std = float(getattr(module.hf_model.config, "initializer_range", 0.02))
 
     def full(self, name: str, *, from_ckpt: dict[str, torch.Tensor]) -> torch.Tensor:
-        from ftcluster.model import nf4_full
+        from ftcluster.model import quantized_full
         from ftcluster.quant import dequantize_nf4, is_nf4_param, nf4_module
 
         if is_nf4_param(name):
             flat = from_ckpt.get(name)
             if flat is None:
-                flat = nf4_full(self.module, name, reader=self.reader, seed=self.job.seed, std=self.std,
+                flat = quantized_full(self.module, name, reader=self.reader, seed=self.job.seed, std=self.std,
                                 device=self.device, storage_dtype=torch.float32)
             return dequantize_nf4(flat.to(self.device), nf4_module(self.module, name).layout, dtype=torch.float32).cpu()
         if name in from_ckpt:

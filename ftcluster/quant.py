@@ -174,6 +174,9 @@ class NF4Linear(nn.Module):
         self.nf4 = nn.Parameter(torch.empty(n, dtype=storage_dtype, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
+    def quantize(self, weight: torch.Tensor, *, storage_dtype: torch.dtype) -> torch.Tensor:
+        return quantize_nf4(weight, storage_dtype=storage_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _NF4LinearFn.apply(x, self.nf4, self.layout)
         if self.bias is not None:
@@ -207,11 +210,18 @@ def is_nf4_param(name: str) -> bool:
     return name == NF4_PARAM or name.endswith("." + NF4_PARAM)
 
 
+def is_quantized_param(name: str) -> bool:
+    """The flat state of a quantised frozen linear: NF4 (QLoRA) or FP8 (peft.fp8_base, ftcluster/fp8.py)."""
+    from ftcluster.fp8 import FP8_PARAM
+
+    return is_nf4_param(name) or name == FP8_PARAM or name.endswith("." + FP8_PARAM)
+
+
 def nf4_weight_name(name: str) -> str:
     """`...q_proj.base_layer.nf4` -> `...q_proj.base_layer.weight`: the name of the full-precision
     weight it quantises (seeded init and checkpoint lookups use it, so a QLoRA run's base is the
-    LoRA run's base, quantised)."""
-    return name[: -len(NF4_PARAM)] + "weight"
+    LoRA run's base, quantised). The same for an FP8 state (`...base_layer.fp8`)."""
+    return name.rsplit(".", 1)[0] + ".weight" if "." in name else "weight"
 
 
 def nf4_module(root: nn.Module, name: str) -> NF4Linear:
@@ -220,6 +230,16 @@ def nf4_module(root: nn.Module, name: str) -> NF4Linear:
     return owner
 
 
+def quantized_module(root: nn.Module, name: str):  # type: ignore[no-untyped-def]
+    """The NF4Linear or FP8Linear owning a quantised state parameter (both have `quantize`,
+    `layout.numel`, `in_features`, `out_features`)."""
+    from ftcluster.fp8 import FP8Linear
+
+    owner = root.get_submodule(name.rsplit(".", 1)[0]) if "." in name else root
+    assert isinstance(owner, (NF4Linear, FP8Linear)), name
+    return owner
+
+
 def logical_numel(root: nn.Module, name: str, param: torch.Tensor) -> int:
-    """Parameters a tensor stands for: out x in for an NF4 state, numel otherwise."""
-    return nf4_module(root, name).layout.numel if is_nf4_param(name) else param.numel()
+    """Parameters a tensor stands for: out x in for an NF4 or FP8 state, numel otherwise."""
+    return quantized_module(root, name).layout.numel if is_quantized_param(name) else param.numel()

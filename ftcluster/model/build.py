@@ -85,7 +85,8 @@ def apply_peft(hf_model: nn.Module, job: JobConfig, *, layers: list[nn.Module]) 
     adapter run are frozen (and later stored in the compute dtype); `peft.trainable_modules`
     (LongLoRA+: embeddings, norms) train in full as fp32 master weights. With S2-Attn the group
     size goes into the HF config here (ftcluster/longlora.py). QLoRA also quantises the frozen
-    decoder linears to NF4 here (still on the meta device; they are filled as weights load)."""
+    decoder linears to NF4 here (still on the meta device; they are filled as weights load), and
+    `peft.fp8_base` to FP8 (ftcluster/fp8.py) the same way."""
     p = job.peft
     if hf_model.config._attn_implementation == S2_ATTN:
         apply_s2_group_size(hf_model.config, job.model)
@@ -108,6 +109,12 @@ def apply_peft(hf_model: nn.Module, job: JobConfig, *, layers: list[nn.Module]) 
 
         storage = {"bf16": torch.bfloat16, "fp32": torch.float32}[job.train.dtype]
         apply_nf4(peft_model, layer_classes={type(m).__name__ for m in layers}, storage_dtype=storage)
+    if p.fp8_base:
+        # The same place and reason as NF4: the frozen decoder linears become FP8 (ftcluster/fp8.py).
+        from ftcluster.fp8 import apply_fp8
+
+        storage = {"bf16": torch.bfloat16, "fp32": torch.float32}[job.train.dtype]
+        apply_fp8(peft_model, layer_classes={type(m).__name__ for m in layers}, storage_dtype=storage)
     return peft_model
 
 
@@ -226,7 +233,7 @@ def count_params(module: nn.Module) -> ParamCounts:
     """Global (unsharded) parameter counts; the input embedding is counted separately (MFU excludes it)."""
     total = trainable = emb = 0
     for name, p in module.named_parameters():
-        n = logical_numel(module, name, p)  # NF4: out x in, not the flat quantised length
+        n = logical_numel(module, name, p)  # NF4 / FP8: out x in, not the flat quantised length
         total += n
         trainable += n if p.requires_grad else 0
         if "embed_tokens" in name:

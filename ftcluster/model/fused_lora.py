@@ -15,7 +15,8 @@ base and our sharding):
 so no (tokens x out) tensor exists beside y and no (tokens x in) one beside dx. Saved for
 backward: x and xa (x is what peft's base and lora_A save anyway; xa is lora_B's input), and the
 weights themselves (parameters, no copy). The NF4 base (ftcluster/quant.py) is de-quantised in
-forward and again in backward, as `NF4Linear` does; nothing de-quantised is kept.
+forward and again in backward, as `NF4Linear` does; nothing de-quantised is kept. An FP8 base
+(`peft.fp8_base`, ftcluster/fp8.py) runs its two GEMMs in FP8 from its two stored copies.
 
 Why our own and not Unsloth's kernels: Unsloth's fused LoRA patches its own model classes and
 bitsandbytes `Params4bit` (whose quant state FSDP2 loses, see quant.py); this is plain torch,
@@ -39,6 +40,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ftcluster.fp8 import FP8Layout, FP8Linear, fp8_forward, fp8_input_grad
 from ftcluster.quant import NF4Layout, NF4Linear, dequantize_nf4
 
 log = logging.getLogger(__name__)
@@ -55,18 +57,35 @@ def _base_weight(weight: torch.Tensor, layout: Optional[NF4Layout], dtype: torch
     return weight if layout is None else dequantize_nf4(weight, layout, dtype=dtype)
 
 
+def _base_forward(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  layout: Optional[NF4Layout | FP8Layout]) -> torch.Tensor:
+    """x2 W^T (+ bias), x2 the (tokens x in) view of the input x: one GEMM, in FP8 for an FP8 base
+    (ftcluster/fp8.py)."""
+    if isinstance(layout, FP8Layout):
+        y = fp8_forward(x2, weight, layout, key=x)
+        return y.add_(bias) if bias is not None else y
+    w = _base_weight(weight, layout, x2.dtype)
+    return torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+
+
+def _base_input_grad(g: torch.Tensor, weight: torch.Tensor, layout: Optional[NF4Layout | FP8Layout]) -> torch.Tensor:
+    """g W."""
+    if isinstance(layout, FP8Layout):
+        return fp8_input_grad(g, weight, layout)
+    return g @ _base_weight(weight, layout, g.dtype)
+
+
 class FusedLoRAFn(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T as one node (see the module docstring). `weight` is the base's
-    (out, in) weight, or an NF4Linear's flat quantised state with its `layout`."""
+    (out, in) weight, or an NF4Linear's / FP8Linear's flat quantised state with its `layout`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # type: ignore[override]
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                 layout: Optional[NF4Layout]) -> torch.Tensor:
-        w = _base_weight(weight, layout, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ lora_a.t()
-        y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+        y = _base_forward(x, x2, weight, bias, layout)
         y.addmm_(xa, lora_b.t(), alpha=scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.scale, ctx.layout = scale, layout
@@ -84,7 +103,7 @@ class FusedLoRAFn(torch.autograd.Function):
         d_a = torch.addmm(torch.empty_like(lora_a), gb.t(), x2, beta=0, alpha=s) if ctx.needs_input_grad[3] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = g @ _base_weight(weight, ctx.layout, g.dtype)
+            dx = _base_input_grad(g, weight, ctx.layout)
             dx.addmm_(gb, lora_a, alpha=s)
             dx = dx.view(x.shape)
         return dx, None, None, d_a, d_b, None, None
@@ -130,6 +149,8 @@ class FusedLoraLinear(_lora_linear_class()):  # type: ignore[misc]
             weight, layout = base.weight, None
         elif isinstance(base, NF4Linear):
             weight, layout = base.nf4, base.layout
+        elif isinstance(base, FP8Linear):
+            weight, layout = base.fp8, base.layout
         else:
             return f"the base layer is a {type(base).__name__}"
         bias = base.bias

@@ -1,5 +1,5 @@
 """Weight initialisation and loading, shared by training (`materialize`) and export (`source_weight`,
-`nf4_full`): every weight's value depends only on the seed and its name, or on the model's
+`quantized_full`): every weight's value depends only on the seed and its name, or on the model's
 safetensors files, never on the world size or the backend.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ftcluster.config import ModelConfig
 from ftcluster.model.safetensors_slices import SafetensorsSlices
-from ftcluster.quant import is_nf4_param
+from ftcluster.quant import is_quantized_param
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,8 +91,8 @@ def materialize(module: nn.Module, *, cfg: ModelConfig, seed: int, device: torch
         local, index, flat = view.local, view.index, view.flat
         if local.numel() == 0:
             continue
-        if is_nf4_param(name):  # QLoRA: one linear's full weight, quantised, this rank's slice kept
-            local.copy_(nf4_full(module, name, reader=reader, seed=seed, std=std, device=device,
+        if is_quantized_param(name):  # QLoRA / FP8 base: one linear's full weight, quantised, this rank's slice kept
+            local.copy_(quantized_full(module, name, reader=reader, seed=seed, std=std, device=device,
                                  storage_dtype=local.dtype)[index])
             loaded += reader is not None
             initialised += reader is None
@@ -125,17 +125,18 @@ def source_weight(name: str, shape: torch.Size, *, reader: "SafetensorsSlices | 
     return _init_full(name, shape, seed=seed, std=std, device=device)
 
 
-def nf4_full(module: nn.Module, name: str, *, reader: "SafetensorsSlices | None", seed: int, std: float,
-             device: torch.device, storage_dtype: torch.dtype) -> torch.Tensor:
-    """The full flat NF4 state of one quantised linear (ftcluster/quant.py), made on `device` from
-    the full-precision weight it stands for (source_weight). Training and export both call this,
-    so an export re-quantises exactly as training did. The full weight lives only for this call."""
-    from ftcluster.quant import nf4_module, nf4_weight_name, quantize_nf4
+def quantized_full(module: nn.Module, name: str, *, reader: "SafetensorsSlices | None", seed: int, std: float,
+                   device: torch.device, storage_dtype: torch.dtype) -> torch.Tensor:
+    """The full flat state of one quantised linear (NF4, ftcluster/quant.py, or FP8,
+    ftcluster/fp8.py), made on `device` from the full-precision weight it stands for
+    (source_weight). Training and export both call this, so an export re-quantises exactly as
+    training did. The full weight lives only for this call."""
+    from ftcluster.quant import nf4_weight_name, quantized_module
 
-    lin = nf4_module(module, name)
+    lin = quantized_module(module, name)
     w = source_weight(nf4_weight_name(name), torch.Size((lin.out_features, lin.in_features)), reader=reader,
                       hf_config=module.hf_model.config, seed=seed, std=std, device=device)
-    return quantize_nf4(w, storage_dtype=storage_dtype)
+    return lin.quantize(w, storage_dtype=storage_dtype)
 
 
 def _tied_source(key: str, hf_config) -> str | None:  # type: ignore[no-untyped-def]
