@@ -25,7 +25,7 @@ python3 bench/linear_ce_check.py > "$OUT/linear_ce_check.json" 2> "$OUT/linear_c
 # Liger's own fused linear cross-entropy (liger-kernel 0.8.5) reads a count with .item() in every
 # forward (2026-12-03, bench/RESULTS.md); ours (ftcluster/liger.py) does not. "noliger" checks the
 # step without any Liger kernel, "lora" the fused LoRA node (the default job is a full fine-tune), and "catch" runs without Liger so that the sync it must catch is ours.
-for c in ${SYNC_CASES:-"default|" "lora|peft=lora" "noliger|model.liger=false" "catch|model.liger=false debug.sync_at_step=5"}; do
+for c in ${SYNC_CASES:-"default|" "lora|peft=lora" "fp8|peft=lora peft.fp8_base=true" "noliger|model.liger=false" "catch|model.liger=false debug.sync_at_step=5"}; do
   n=${c%%|*}; o=${c#*|}
   timeout "${SYNC_TIMEOUT:-150}" python3 -m ftcluster train $B $o run.dir="$OUT/sync_$n" > "$OUT/sync_$n.log" 2>&1
   rc=$?

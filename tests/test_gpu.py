@@ -23,13 +23,14 @@ BASE = ("train.max_steps=10", "train.log_every=4", "debug.sync_check=true", "eva
 
 @pytest.mark.parametrize("overrides", [
     (),                                                          # the embedded default: packed rows (flex attention), auto layout
-    ("model.liger=false",),                                      # the same without Liger's cross-entropy, which syncs (below)
+    ("model.liger=false",),                                      # the same without any Liger kernel
     ("peft=lora", "data.packing=false"),                         # padded rows, LoRA
     ("peft=lora", "train.activation_checkpointing=full"),
     ("peft=lora", "train.activation_checkpointing=selective"),
     ("peft=lora", "train.activation_checkpointing=offload"),
     ("peft=qlora", "train.activation_checkpointing=full"),
-], ids=["default", "default-noliger", "lora-padded", "lora-full", "lora-selective", "lora-offload", "qlora-full"])
+    ("peft=lora", "peft.fp8_base=true"),                         # the FP8 base (its per-token scales stay on the device)
+], ids=["default", "default-noliger", "lora-padded", "lora-full", "lora-selective", "lora-offload", "qlora-full", "lora-fp8"])
 def test_no_host_sync_inside_training_steps(tmp_path, overrides: tuple[str, ...]) -> None:
     env = cli_env()
     env.pop("DS_ACCELERATOR", None)
