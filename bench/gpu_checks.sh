@@ -24,8 +24,8 @@ B="train.max_steps=10 train.log_every=4 debug.sync_check=true eval.every_steps=0
 python3 bench/linear_ce_check.py > "$OUT/linear_ce_check.json" 2> "$OUT/linear_ce_check.err"; tail -c 1500 "$OUT/linear_ce_check.json"; tail -5 "$OUT/linear_ce_check.err"
 # Liger's own fused linear cross-entropy (liger-kernel 0.8.5) reads a count with .item() in every
 # forward (2026-12-03, bench/RESULTS.md); ours (ftcluster/liger.py) does not. "noliger" checks the
-# step without any Liger kernel, "lora" the fused LoRA node (the default job is a full fine-tune), and "catch" runs without Liger so that the sync it must catch is ours.
-for c in ${SYNC_CASES:-"default|" "lora|peft=lora" "fp8|peft=lora peft.fp8_base=true" "noliger|model.liger=false" "catch|model.liger=false debug.sync_at_step=5"}; do
+# step without any Liger kernel, "lora" the fused LoRA node (the default job is a full fine-tune), and "catch" adds a deliberate sync that the check must catch.
+for c in ${SYNC_CASES:-"default|" "lora|peft=lora" "fp8|peft=lora peft.fp8_base=true" "noliger|model.liger=false" "catch|debug.sync_at_step=5"}; do
   n=${c%%|*}; o=${c#*|}
   timeout "${SYNC_TIMEOUT:-150}" python3 -m ftcluster train $B $o run.dir="$OUT/sync_$n" > "$OUT/sync_$n.log" 2>&1
   rc=$?

@@ -46,7 +46,6 @@ def test_the_check_catches_a_host_sync(tmp_path) -> None:
     """The same check fails a run whose step reads the loss on the host (debug.sync_at_step)."""
     env = cli_env()
     env.pop("DS_ACCELERATOR", None)
-    # Without Liger: its fused cross-entropy syncs on its own (liger-kernel 0.8.5, `.item()` of the
-    # target count), which would fail the run before the deliberate sync is reached.
-    p = run_cli("train", f"run.dir={tmp_path / 'r'}", *BASE, "model.liger=false", "debug.sync_at_step=5", cwd=tmp_path, env=env)
+    # The default job (Liger on): our loss head has no sync of its own, so the one caught is this one.
+    p = run_cli("train", f"run.dir={tmp_path / 'r'}", *BASE, "debug.sync_at_step=5", cwd=tmp_path, env=env)
     assert p.returncode != 0 and "synchronizing" in (p.stdout + p.stderr), p.stdout[-2000:] + p.stderr[-2000:]
