@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ftcluster.quant import FP8_PARAM, FrozenQuantLinear, replace_frozen_linears
+
 log = logging.getLogger(__name__)
 
-FP8_PARAM = "fp8"
-"""Name of an FP8Linear's flat state parameter (stands in for `weight`)."""
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 _said: set[str] = set()
@@ -208,28 +208,12 @@ class _FP8LinearFn(torch.autograd.Function):
         return fp8_input_grad(g, flat, ctx.layout).view(*grad.shape[:-1], ctx.layout.in_features), None, None
 
 
-class FP8Linear(nn.Module):
-    """A frozen linear layer stored in FP8 (module docstring). Parameters: `fp8` (the flat state,
-    never trained) and the original `bias`, if any (frozen, in its dtype)."""
-
-    def __init__(self, *, in_features: int, out_features: int, bias: bool, storage_dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.layout = FP8Layout(out_features=out_features, in_features=in_features)
-        self.fp8 = nn.Parameter(torch.empty(self.layout.storage_numel(storage_dtype), dtype=storage_dtype, device=device),
-                                requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+class FP8Linear(FrozenQuantLinear):
+    """A frozen linear layer stored in FP8 (module docstring): the flat state `fp8`, never trained."""
+    PARAM, LAYOUT, FN = FP8_PARAM, FP8Layout, _FP8LinearFn
 
     def quantize(self, weight: torch.Tensor, *, storage_dtype: torch.dtype) -> torch.Tensor:
         return quantize_fp8(weight, storage_dtype=storage_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _FP8LinearFn.apply(x, self.fp8, self.layout)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 rowwise, bias={self.bias is not None}"
@@ -239,17 +223,12 @@ def apply_fp8(model: nn.Module, *, layer_classes: set[str], storage_dtype: torch
     """Replace (in place, on the meta device) every frozen `nn.Linear` inside a decoder layer by an
     FP8Linear: after the PEFT transform (adapters are trainable and skipped), before the fused LoRA
     swap and sharding. Returns the count."""
-    count = 0
-    for layer in [m for m in model.modules() if type(m).__name__ in layer_classes]:
-        for parent in list(layer.modules()):
-            for cname, child in list(parent.named_children()):
-                if type(child) is not nn.Linear or any(p.requires_grad for p in child.parameters()):
-                    continue
-                check_shape(in_features=child.in_features, out_features=child.out_features, where=cname)
-                setattr(parent, cname, FP8Linear(in_features=child.in_features, out_features=child.out_features,
-                                                 bias=child.bias is not None, storage_dtype=storage_dtype,
-                                                 device=child.weight.device))
-                count += 1
+    def make(child: nn.Linear, name: str) -> FP8Linear:
+        check_shape(in_features=child.in_features, out_features=child.out_features, where=name)
+        return FP8Linear(in_features=child.in_features, out_features=child.out_features, bias=child.bias is not None,
+                         storage_dtype=storage_dtype, device=child.weight.device)
+
+    count = replace_frozen_linears(model, layer_classes=layer_classes, make=make)
     if count == 0:
         raise ValueError("peft.fp8_base: no frozen linear layer found in the decoder layers")
     return count

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 NF4_PARAM = "nf4"
 """Name of an NF4Linear's flat quantised-state parameter (stands in for `weight`)."""
+FP8_PARAM = "fp8"
+"""Name of an FP8Linear's (ftcluster/fp8.py) flat state parameter."""
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
 
@@ -160,28 +162,42 @@ class _NF4LinearFn(torch.autograd.Function):
         return grad @ w, None, None
 
 
-class NF4Linear(nn.Module):
-    """A frozen linear layer stored as NF4 (see the module docstring). Parameters: `nf4` (the flat
-    quantised state, never trained) and the original `bias`, if any (frozen, kept as is)."""
+class FrozenQuantLinear(nn.Module):
+    """A frozen linear whose weight is one flat quantised state parameter (named `PARAM`, typed as
+    the storage dtype, laid out by `LAYOUT`) and the original `bias`, if any (frozen, kept as is);
+    `FN` computes x W^T and the input gradient from the state. NF4Linear here, FP8Linear in
+    ftcluster/fp8.py."""
+    PARAM: str
+    LAYOUT: type
+    FN: type
 
     def __init__(self, *, in_features: int, out_features: int, bias: bool, storage_dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.layout = NF4Layout(out_features=out_features, in_features=in_features)
+        self.layout = self.LAYOUT(out_features=out_features, in_features=in_features)
         n = self.layout.storage_numel(storage_dtype)
-        self.nf4 = nn.Parameter(torch.empty(n, dtype=storage_dtype, device=device), requires_grad=False)
+        self.register_parameter(self.PARAM, nn.Parameter(torch.empty(n, dtype=storage_dtype, device=device),
+                                                         requires_grad=False))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     def quantize(self, weight: torch.Tensor, *, storage_dtype: torch.dtype) -> torch.Tensor:
-        return quantize_nf4(weight, storage_dtype=storage_dtype)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4LinearFn.apply(x, self.nf4, self.layout)
+        y = self.FN.apply(x, getattr(self, self.PARAM), self.layout)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+
+class NF4Linear(FrozenQuantLinear):
+    """A frozen linear layer stored as NF4 (see the module docstring)."""
+    PARAM, LAYOUT, FN = NF4_PARAM, NF4Layout, _NF4LinearFn
+
+    def quantize(self, weight: torch.Tensor, *, storage_dtype: torch.dtype) -> torch.Tensor:
+        return quantize_nf4(weight, storage_dtype=storage_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, double_quant, bias={self.bias is not None}"
@@ -191,18 +207,25 @@ def apply_nf4(model: nn.Module, *, layer_classes: set[str], storage_dtype: torch
     """Replace (in place, on the meta device) every frozen `nn.Linear` inside a decoder layer by an
     NF4Linear. Must run after the PEFT transform (so the adapters' own linears are trainable and
     skipped, and base layers are already wrapped) and before sharding. Returns the count."""
+    count = replace_frozen_linears(model, layer_classes=layer_classes, make=lambda child, _name: NF4Linear(
+        in_features=child.in_features, out_features=child.out_features, bias=child.bias is not None,
+        storage_dtype=storage_dtype, device=child.weight.device))
+    if count == 0:
+        raise ValueError("peft.method=qlora: no frozen linear layer found in the decoder layers to quantise")
+    return count
+
+
+def replace_frozen_linears(model: nn.Module, *, layer_classes: set[str], make) -> int:  # type: ignore[no-untyped-def]
+    """Replace every frozen `nn.Linear` inside a decoder layer (a module whose class name is in
+    `layer_classes`) by `make(linear, child_name)`, in place; the NF4 and FP8 bases' one walk."""
     count = 0
     for layer in [m for m in model.modules() if type(m).__name__ in layer_classes]:
         for parent in list(layer.modules()):
             for cname, child in list(parent.named_children()):
                 if type(child) is not nn.Linear or any(p.requires_grad for p in child.parameters()):
                     continue
-                q = NF4Linear(in_features=child.in_features, out_features=child.out_features,
-                              bias=child.bias is not None, storage_dtype=storage_dtype, device=child.weight.device)
-                setattr(parent, cname, q)
+                setattr(parent, cname, make(child, cname))
                 count += 1
-    if count == 0:
-        raise ValueError("peft.method=qlora: no frozen linear layer found in the decoder layers to quantise")
     return count
 
 
@@ -212,8 +235,6 @@ def is_nf4_param(name: str) -> bool:
 
 def is_quantized_param(name: str) -> bool:
     """The flat state of a quantised frozen linear: NF4 (QLoRA) or FP8 (peft.fp8_base, ftcluster/fp8.py)."""
-    from ftcluster.fp8 import FP8_PARAM
-
     return is_nf4_param(name) or name == FP8_PARAM or name.endswith("." + FP8_PARAM)
 
 
@@ -230,13 +251,10 @@ def nf4_module(root: nn.Module, name: str) -> NF4Linear:
     return owner
 
 
-def quantized_module(root: nn.Module, name: str):  # type: ignore[no-untyped-def]
-    """The NF4Linear or FP8Linear owning a quantised state parameter (both have `quantize`,
-    `layout.numel`, `in_features`, `out_features`)."""
-    from ftcluster.fp8 import FP8Linear
-
+def quantized_module(root: nn.Module, name: str) -> FrozenQuantLinear:
+    """The NF4Linear or FP8Linear owning a quantised state parameter."""
     owner = root.get_submodule(name.rsplit(".", 1)[0]) if "." in name else root
-    assert isinstance(owner, (NF4Linear, FP8Linear)), name
+    assert isinstance(owner, FrozenQuantLinear), name
     return owner
 
 
