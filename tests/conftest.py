@@ -53,6 +53,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(name))
 
 
+# For runs whose test reads only their training records and checkpoints: one held-out batch at the
+# end and no generated samples, instead of every held-out batch at the start and at the end and two
+# 64-token samples (a few seconds a run on 2 cores, more under ZeRO-3). Evaluation leaves training
+# bit-identical (test_evaluation.py), so the steps' losses and the checkpoints are the same.
+LIGHT_EVAL = ["eval.at_start=false", "eval.max_batches=1", "eval.num_prompts=0"]
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
