@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, losses, train_ok
+from conftest import LIGHT_EVAL, cli_env, losses, train_ok
 from ftcluster.compose import compose_job
 from ftcluster.config import ConfigError
 from ftcluster.plan import plan_memory
@@ -127,7 +127,7 @@ def test_two_ranks_train_the_same_losses_with_the_base_sharded_or_whole(workdir:
     """2 gloo ranks, LoRA: the base replicated on each rank (no all-gather of it) trains exactly
     the run whose base FSDP2 shards (the same weights meet the same inputs; only the adapters'
     gradients are reduced either way)."""
-    common = ("peft=lora", "launcher.nproc_per_node=2", "train.max_steps=4", "checkpoint.every_steps=0")
+    common = ("peft=lora", "launcher.nproc_per_node=2", "train.max_steps=4", "checkpoint.every_steps=0", *LIGHT_EVAL)
     train_ok(*common, run=workdir / "sharded", cwd=workdir)
     train_ok(*common, "parallel.shard_frozen=false", run=workdir / "whole", cwd=workdir)
     want, got = losses(workdir / "sharded"), losses(workdir / "whole")
