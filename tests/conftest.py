@@ -17,27 +17,47 @@ from ftcluster.compose import compose_job  # noqa: F401 - tests import it from h
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Scheduling under pytest-xdist (the README's `-n 2 --dist loadgroup`): a file whose module-scoped
-# fixture trains real runs is one xdist group, so the fixture is built once, not once per worker;
-# the files that start a Ray cluster or submit to the one-node Slurm share one group, so they take
-# turns on those services instead of running on both workers at once; every other test is dealt
-# to whichever worker is free (with one group per file, CI took 56 minutes against 45 before,
-# 2026-12-02; the likely cause: a long file holds one worker while the other idles). tryfirst: xdist's own collection hook turns
-# xdist_group markers into node ids, so ours must add them before it runs (without it, found
-# 2026-12-02, no test was grouped: `-v` showed no `@<group>` suffix).
+# Scheduling under pytest-xdist (the README's `-n 2 --dist loadgroup`): a file whose module-scoped fixture
+# trains real runs (or builds engines) is one xdist group, so the fixture is built once, not once per worker;
+# the tests that start a Ray cluster or submit to the one-node Slurm share one group, so they take turns on
+# those services instead of running on both workers at once (two Ray clusters on one host could collide on
+# Ray's default ports, the dashboard agent's 52365); every other test, the pure-logic and config-error tests
+# of the cluster files included, is dealt to whichever worker is free (with one group per file, CI took 56
+# minutes against 45 before, 2026-12-02; the likely cause: a long file holds one worker while the other
+# idles). A cluster test is one that requests the Ray test cluster (`ray_env`) or the Slurm (`slurm`), or is
+# marked `cluster` (a sweep that starts its own Ray): 13 tests, the longest group, on one worker; its
+# pure-logic neighbours (37 tests, 2026-12-03) fill the other worker instead of queueing behind it. xdist
+# deals the groups with the most tests first (loadscope reorder), so the groups start before the single tests.
+# tryfirst: xdist's own collection hook turns xdist_group markers into node ids, so ours must add them before
+# it runs (without it, found 2026-12-02, no test was grouped: `-v` showed no `@<group>` suffix).
 CLUSTER_TEST_FILES = frozenset({"test_ray.py", "test_slurm.py", "test_sweep.py"})
+CLUSTER_FIXTURES = frozenset({"ray_env", "slurm"})
 TRAINED_FIXTURE_FILES = frozenset({"test_checkpoint_integrity.py", "test_deepspeed.py", "test_export.py",
-                                   "test_qlora.py", "test_sharded_load.py", "test_train_e2e.py"})
+                                   "test_qlora.py", "test_shard_frozen.py", "test_sharded_load.py",
+                                   "test_train_e2e.py"})
+
+
+def _is_cluster_test(item: pytest.Item) -> bool:
+    return item.get_closest_marker("cluster") is not None or \
+        bool(CLUSTER_FIXTURES.intersection(getattr(item, "fixturenames", ())))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         name = item.path.name
-        if name in CLUSTER_TEST_FILES:
+        if _is_cluster_test(item):
+            assert name in CLUSTER_TEST_FILES, f"{item.nodeid}: a cluster test outside {sorted(CLUSTER_TEST_FILES)}"
             item.add_marker(pytest.mark.xdist_group("cluster"))
         elif name in TRAINED_FIXTURE_FILES:
             item.add_marker(pytest.mark.xdist_group(name))
+
+
+# For runs whose test reads only their training records and checkpoints: one held-out batch at the
+# end and no generated samples, instead of every held-out batch at the start and at the end and two
+# 64-token samples (a few seconds a run on 2 cores, more under ZeRO-3). Evaluation leaves training
+# bit-identical (test_evaluation.py), so the steps' losses and the checkpoints are the same.
+LIGHT_EVAL = ["eval.at_start=false", "eval.max_batches=1", "eval.num_prompts=0"]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

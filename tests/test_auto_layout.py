@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import compose_job, run_cli
+from conftest import LIGHT_EVAL, compose_job, run_cli
 from ftcluster.config import ConfigError
 from ftcluster.layout import apply_layout, concrete, global_batch_size, resolve_layout
 
@@ -82,7 +82,7 @@ def test_driver_refuses_a_batch_that_does_not_split_before_any_process(tmp_path)
 
 def test_a_run_records_and_prints_its_layout(tmp_path) -> None:
     run = tmp_path / "r"
-    p = run_cli("train", f"run.dir={run}", "train.max_steps=2", "eval.every_steps=0", "eval.at_start=false",
+    p = run_cli("train", f"run.dir={run}", "train.max_steps=2", "eval.every_steps=0", *LIGHT_EVAL,
                 "train.global_batch_size=4", "checkpoint.enabled=false", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     ev = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"layout"' in line]

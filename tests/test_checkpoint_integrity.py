@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import events, explain, losses, run_cli, train_ok
+from conftest import LIGHT_EVAL, events, explain, losses, run_cli, train_ok
 from ftcluster.checkpoint_integrity import CheckpointIOError, CorruptCheckpointError, verify
 from test_checkpoint_manager import CONFIG_YAML, Position, Progress, TensorEngine, manager, save, snapshot
 
@@ -169,7 +169,7 @@ def test_permission_denied_says_so(tmp_path: Path) -> None:
 # --- end to end through the CLI ---------------------------------------------------------------------
 
 FSDP = ["launcher.nproc_per_node=1", "peft=lora", "train.max_steps=6", "checkpoint.every_steps=2",
-        "checkpoint.keep_last=3", "logger=none"]
+        "checkpoint.keep_last=3", "logger=none", *LIGHT_EVAL]
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def _reseal(ck: Path) -> None:
 
 
 ZERO3 = ["launcher.nproc_per_node=1", "parallel=zero3", "peft=lora", "train.max_steps=2", "checkpoint.every_steps=2",
-         "logger=none"]
+         "logger=none", *LIGHT_EVAL]
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, committed_steps, events, explain, losses, records, train_ok
+from conftest import LIGHT_EVAL, cli_env, committed_steps, events, explain, losses, records, train_ok
 
-ARGS = ("train.max_steps=40", "train.log_every=1", "checkpoint.every_steps=0", "launcher.nproc_per_node=1")
+ARGS = ("train.max_steps=40", "train.log_every=1", "checkpoint.every_steps=0", "launcher.nproc_per_node=1", *LIGHT_EVAL)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_env, explain, run_cli
+from conftest import LIGHT_EVAL, REPO, cli_env, explain, run_cli
 
 pytestmark = pytest.mark.slow  # end to end: the real CLI / multi-rank process groups
 
@@ -21,7 +21,8 @@ TINY = REPO / "ftcluster/assets/tiny-llama"
 # separate matmuls, by up to 1.0e-5 seen on an AMX CPU (CI); a wrong export moves them by 1e-3 or
 # more (each test first asserts training moved the logits by > 1e-3).
 ATOL = 5e-5
-FP32 = ["train.dtype=fp32", "train.max_steps=2", "checkpoint.every_steps=2", "optim.lr=1e-2", "optim.warmup_steps=0"]
+FP32 = ["train.dtype=fp32", "train.max_steps=2", "checkpoint.every_steps=2", "optim.lr=1e-2", "optim.warmup_steps=0",
+        *LIGHT_EVAL]
 RANDOM_TINY = ["model.path=null", "model.init=random", "model.vocab_size=512", "model.hidden_size=64",
                "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
                "data=synthetic", "data.max_seq_len=32"]

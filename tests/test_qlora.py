@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, committed_steps, compose_job, events, explain, losses, run_cli
+from conftest import LIGHT_EVAL, cli_env, committed_steps, compose_job, events, explain, losses, run_cli
 
 QLORA = ["peft=qlora", "launcher.nproc_per_node=2", "train.activation_checkpointing=true", "train.max_steps=6",
-         "checkpoint.every_steps=2", "peft.rank=8", "peft.alpha=16"]
+         "checkpoint.every_steps=2", "peft.rank=8", "peft.alpha=16", *LIGHT_EVAL]
 
 
 def test_nf4_linear_matches_bitsandbytes() -> None:

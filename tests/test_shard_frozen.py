@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, losses, train_ok
+from conftest import LIGHT_EVAL, cli_env, losses, train_ok
 from ftcluster.compose import compose_job
 from ftcluster.config import ConfigError
 from ftcluster.plan import plan_memory
@@ -34,32 +34,51 @@ ENGINE_SCRIPT = textwrap.dedent("""
     from ftcluster.layout import concrete
     from ftcluster.model import build_module, materialize
     from ftcluster.parallel import parallelize
-    world = int(sys.argv[1])
-    job = concrete(compose_job(*sys.argv[2:]))
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    built = build_module(job)
-    d = Dist(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"))
-    engine = parallelize(built.module, layers=built.layers, job=job, dist=d,
-                         materialize=lambda m, dev, view: materialize(m, cfg=job.model, seed=0, device=dev, shard_view=view))
-    out = {"frozen_plain": 0, "frozen_dtensor": 0, "trainable_plain": 0, "frozen_bytes": 0, "full_shape": True}
-    for p in built.module.parameters():
-        kind = ("trainable_" if p.requires_grad else "frozen_") + ("dtensor" if isinstance(p, DTensor) else "plain")
-        out[kind] = out.get(kind, 0) + 1
-        if not p.requires_grad:
-            local = p.to_local() if isinstance(p, DTensor) else p
-            out["frozen_bytes"] += local.numel() * local.element_size()
-            out["full_shape"] &= tuple(local.shape) == tuple(p.shape)
-    print("RESULT", json.dumps(out), flush=True)
+    results = []
+    for world, overrides in json.loads(sys.argv[1]):  # each case: its own job, module and process group
+        job = concrete(compose_job(*overrides))
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+        built = build_module(job)
+        d = Dist(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"))
+        engine = parallelize(built.module, layers=built.layers, job=job, dist=d,
+                             materialize=lambda m, dev, view: materialize(m, cfg=job.model, seed=0, device=dev, shard_view=view))
+        out = {"frozen_plain": 0, "frozen_dtensor": 0, "trainable_plain": 0, "frozen_bytes": 0, "full_shape": True}
+        for p in built.module.parameters():
+            kind = ("trainable_" if p.requires_grad else "frozen_") + ("dtensor" if isinstance(p, DTensor) else "plain")
+            out[kind] = out.get(kind, 0) + 1
+            if not p.requires_grad:
+                local = p.to_local() if isinstance(p, DTensor) else p
+                out["frozen_bytes"] += local.numel() * local.element_size()
+                out["full_shape"] &= tuple(local.shape) == tuple(p.shape)
+        results.append(out)
+        del engine, built
+        dist.destroy_process_group()
+    print("RESULT", json.dumps(results), flush=True)
 """)
 
 TINY = ("peft=lora", "data.max_seq_len=32", "train.micro_batch_size=1")
 
 
-def _engine(world: int, *overrides: str) -> dict:
-    p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(world), *TINY, *overrides], cwd=REPO, env=cli_env(),
+CASES = [
+    (1, (), False),                               # auto at one rank: outside FSDP2
+    (1, ("parallel.shard_frozen=true",), True),   # asked: FSDP2 manages them (the old behaviour)
+    (2, (), True),                                # auto at two ranks: sharded
+    (2, ("parallel.shard_frozen=false",), False),  # asked: whole on every rank
+]
+
+
+@pytest.fixture(scope="module")
+def engines() -> dict[tuple[int, tuple[str, ...]], dict]:
+    """What the engine holds for every case, built in one subprocess (one interpreter start and
+    torch import for the four, not one each; each case has its own job, module and fake process
+    group). tests/conftest.py keeps this file on one xdist worker, so it runs once."""
+    cases = [(world, [*TINY, *overrides]) for world, overrides, _ in CASES]
+    p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, json.dumps(cases)], cwd=REPO, env=cli_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    results = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert len(results) == len(CASES)
+    return {(world, overrides): got for (world, overrides, _), got in zip(CASES, results)}
 
 
 def _plan(world: int, *overrides: str):  # type: ignore[no-untyped-def]
@@ -67,15 +86,10 @@ def _plan(world: int, *overrides: str):  # type: ignore[no-untyped-def]
                        activation_checkpointing="none", activation_checkpointing_every=1, liger=False)
 
 
-@pytest.mark.parametrize("world, overrides, sharded", [
-    (1, (), False),                               # auto at one rank: outside FSDP2
-    (1, ("parallel.shard_frozen=true",), True),   # asked: FSDP2 manages them (the old behaviour)
-    (2, (), True),                                # auto at two ranks: sharded
-    (2, ("parallel.shard_frozen=false",), False),  # asked: whole on every rank
-])
-def test_frozen_parameters_are_sharded_only_when_they_should_be(world: int, overrides: tuple[str, ...],
-                                                                sharded: bool) -> None:
-    got = _engine(world, *overrides)
+@pytest.mark.parametrize("world, overrides, sharded", CASES)
+def test_frozen_parameters_are_sharded_only_when_they_should_be(world: int, overrides: tuple[str, ...], sharded: bool,
+                                                                engines: dict) -> None:
+    got = engines[(world, overrides)]
     assert got.get("trainable_plain", 0) == 0  # the adapters are always FSDP2's (sharded, mixed precision)
     if sharded:
         assert got["frozen_plain"] == 0 and got["frozen_dtensor"] > 0
@@ -113,7 +127,7 @@ def test_two_ranks_train_the_same_losses_with_the_base_sharded_or_whole(workdir:
     """2 gloo ranks, LoRA: the base replicated on each rank (no all-gather of it) trains exactly
     the run whose base FSDP2 shards (the same weights meet the same inputs; only the adapters'
     gradients are reduced either way)."""
-    common = ("peft=lora", "launcher.nproc_per_node=2", "train.max_steps=4", "checkpoint.every_steps=0")
+    common = ("peft=lora", "launcher.nproc_per_node=2", "train.max_steps=4", "checkpoint.every_steps=0", *LIGHT_EVAL)
     train_ok(*common, run=workdir / "sharded", cwd=workdir)
     train_ok(*common, "parallel.shard_frozen=false", run=workdir / "whole", cwd=workdir)
     want, got = losses(workdir / "sharded"), losses(workdir / "whole")

@@ -3,7 +3,7 @@
 1. Pure logic: Hydra sweep syntax -> Tune domains (Hydra's own parser), the points checked before
    any trial, invalid points and unknown keys named, the results table ranked from run dirs.
 2. End to end through the real CLI on Ray's local cluster (CPU, gloo, 2-worker trials of the
-   embedded tiny model): a 4-trial random sweep with ASHA over a wide learning-rate range, its
+   embedded tiny model): a 3-trial random sweep with ASHA over a wide learning-rate range, its
    driver SIGKILLed after the first finished trial and started again (finished trials are not
    re-run); a trial that crashes once is retried from its checkpoint (W&B offline: the retry
    continues the trial's W&B run); a grid multirun on the local launcher writes the same table.
@@ -31,6 +31,12 @@ from conftest import cli_env, committed_steps, events, explain, records, run_cli
 from ftcluster.config import ConfigError
 
 TINY = ["eval.max_batches=2", "eval.num_prompts=0", "train.micro_batch_size=4", "data.max_seq_len=128"]
+
+
+def ray_sweep_env() -> dict[str, str]:
+    """The CLI's environment for a sweep on its own local Ray: no spot nodes here, so no Ray Train
+    preemption-watcher actor per trial (one process less to start; as tests/test_ray.py's cluster)."""
+    return cli_env(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
 
 
 # --- 1. pure logic ------------------------------------------------------------------------------
@@ -209,29 +215,34 @@ def _wait_for_finished_trial(proc: subprocess.Popen, sweep: Path, timeout: float
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_asha_sweep_killed_and_continued(tmp_path: Path) -> None:
-    """The issue's sweep, small: 4 trials x 2 workers, ASHA on eval_loss over lr in [1e-4, 3e-1]
-    (log); the driver is SIGKILLed after the first finished trial and started again."""
+    """The issue's sweep, small: 3 trials x 2 workers, ASHA on eval_loss over lr in [1e-4, 3e-1]
+    (log); the driver is SIGKILLed after the first finished trial, while the second runs, and
+    started again. Three trials are the fewest that show all of it: the first finishes before the
+    kill, the second is interrupted and continued, and the third (seeded: lr 1.4e-4) is worse at
+    every evaluation than the second, so ASHA stops it at a rung (each trial costs ~35 s of Ray
+    start and teardown on an idle 2-core box, twice that in the suite)."""
     sweep = tmp_path / "sweep"
-    args = ["sweep", "optim.lr=tag(log,interval(1e-4,3e-1))", "sweep.num_samples=4", "sweep.scheduler=asha",
+    args = ["sweep", "optim.lr=tag(log,interval(1e-4,3e-1))", "sweep.num_samples=3", "sweep.scheduler=asha",
             "launcher.address=local", "launcher.num_workers=2", "eval.every_steps=2", "train.max_steps=8",
             "checkpoint.every_steps=4", *TINY, f"run.dir={sweep}"]
-    first = subprocess.Popen([sys.executable, "-m", "ftcluster", *args], cwd=tmp_path, env=cli_env(),
+    first = subprocess.Popen([sys.executable, "-m", "ftcluster", *args], cwd=tmp_path, env=ray_sweep_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     done = _wait_for_finished_trial(first, sweep, timeout=400)
     before = (done / "metrics.jsonl").read_bytes()
     os.killpg(first.pid, signal.SIGKILL)  # kill -9 of the driver (and the Ray cluster it started)
     first.communicate()
-    second = run_cli(*args, cwd=tmp_path, timeout=900)
+    second = run_cli(*args, cwd=tmp_path, timeout=900, env=ray_sweep_env())
     assert second.returncode == 0, explain(second)
     assert "continuing the sweep" in second.stdout
     trials = _trial_dirs(sweep)
-    assert len(trials) == 4, trials
+    assert len(trials) == 3, trials
     assert (done / "metrics.jsonl").read_bytes() == before  # the finished trial was not run again
     assert len(events(done, "start")) == 1
 
     rows = _table(sweep)
-    assert len(rows) == 4
+    assert len(rows) == 3
     ranked = [float(r["best_eval_loss"]) for r in rows]
     assert ranked == sorted(ranked)
     for row in rows:  # the table is each trial's own metrics.jsonl
@@ -265,13 +276,14 @@ def test_asha_sweep_killed_and_continued(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_crashed_trial_is_retried_from_its_checkpoint_and_continues_its_wandb_run(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     p = run_cli("sweep", "sweep=grid", "optim.lr=choice(3e-3)", "sweep.max_failures=1",
                 "sweep.name=retry",
                 "launcher.address=local", "launcher.num_workers=2", "train.max_steps=6", "eval.every_steps=3",
                 "checkpoint.every_steps=2", "debug.fail_at_step=5", "logger=wandb", *TINY, f"run.dir={sweep}",
-                cwd=tmp_path, timeout=600)
+                cwd=tmp_path, timeout=600, env=ray_sweep_env())
     assert p.returncode == 0, explain(p)
     (trial,) = _trial_dirs(sweep)
     resumed = events(trial, "resume")

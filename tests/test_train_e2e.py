@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, committed_steps, events, explain, losses, records, run_cli, train_ok
+from conftest import LIGHT_EVAL, cli_env, committed_steps, events, explain, losses, records, run_cli, train_ok
 
 pytestmark = pytest.mark.slow  # end to end: the real CLI / multi-rank process groups
 
 TWO_RANK_LORA = ["launcher.nproc_per_node=2", "parallel=fsdp2", "peft=lora", "train.max_steps=12",
-                 "checkpoint.every_steps=4"]
+                 "checkpoint.every_steps=4", *LIGHT_EVAL]
 
 
 @pytest.fixture(scope="module")
