@@ -154,6 +154,16 @@ def dequantize_fp8(flat: torch.Tensor, layout: FP8Layout, *, dtype: torch.dtype)
 
 
 def _scaled_mm_ok(device: torch.device) -> bool:
+    key = (device.type, device.index)
+    if key not in _ok:
+        _ok[key] = _has_scaled_mm(device)
+    return _ok[key]
+
+
+_ok: dict = {}
+
+
+def _has_scaled_mm(device: torch.device) -> bool:
     if device.type == "cuda":
         ok = torch.cuda.get_device_capability(device) >= (8, 9)
     else:
