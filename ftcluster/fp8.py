@@ -134,10 +134,22 @@ def quantize_fp8(weight: torch.Tensor, *, storage_dtype: torch.dtype) -> torch.T
     return flat.view(storage_dtype)
 
 
+def _aligned(flat: torch.Tensor) -> torch.Tensor:
+    """FP8 GEMMs need 16-byte aligned operands; the parts are aligned when the flat state is (the
+    caching allocator and FSDP2's per-parameter buffers give that). A misaligned one (a view into
+    some packed buffer) is copied, said once, rather than failing inside cuBLAS."""
+    if flat.data_ptr() % 16 == 0:
+        return flat
+    if "misaligned" not in _said:
+        _said.add("misaligned")
+        log.warning("peft.fp8_base: an FP8 weight's storage is not 16-byte aligned; it is copied for each GEMM (slow)")
+    return flat.clone()
+
+
 def fp8_parts(flat: torch.Tensor, layout: FP8Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views (no copy) of the flat state: W e4m3 (out x in), its scales (1 x out), W^T e4m3
     (in x out), its scales (1 x in)."""
-    b = flat.view(torch.uint8)
+    b = _aligned(flat).view(torch.uint8)
     o, i = layout.out_features, layout.in_features
     base = 4 * (o + i)
     s = b[: 4 * o].view(torch.float32).view(1, o)
