@@ -54,7 +54,7 @@ if [ "${TINY:-0}" != 1 ] && [ "$UNSLOTH" = 1 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_uns .uns/*.whl \
     .whl_lite/bitsandbytes-*.whl 2>/dev/null
   (cd "$OUT" && OUT="$OUT" PYTHONPATH=/tmp/site_uns timeout 330 python3 "$OLDPWD/.uns/unsloth_peer.py" "${UNS_TOKENIZER:-$TOK}" \
-     uns_gc_mb1 uns_nogc_mb4 > "$OUT/unsloth.log" 2>&1; grep '^{' "$OUT/unsloth.log"; tail -c 3000 "$OUT/unsloth.log" > "$OUT/unsloth_tail.log")
+     ${UNS_CONFIGS:-uns_gc_mb1 uns_nogc_mb4} > "$OUT/unsloth.log" 2>&1; grep '^{' "$OUT/unsloth.log"; tail -c 3000 "$OUT/unsloth.log" > "$OUT/unsloth_tail.log")
 fi
 common=("${MODEL[@]}" peft=lora data=synthetic data.synthetic_samples=512 data.max_seq_len=$SEQ train.global_batch_size=8
         logger=none checkpoint.enabled=false eval.every_steps=0 eval.at_start=false data.eval_path=null)
