@@ -421,3 +421,28 @@ def test_cuda_copies_order_their_stream_operations(monkeypatch: pytest.MonkeyPat
     assert log == ["alloc cuda:0 on compute", "side waits compute", "copy on side non_blocking=True",
                    "side records event", "compute waits event@side"]
     assert torch.equal(dev, x) and len(streams) == 1
+
+
+def _allocator_settings_after(env_conf: str | None) -> str:
+    """exact_pinned_sizes() in a fresh interpreter (the allocator settings are process-wide)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    if env_conf is not None:
+        env["PYTORCH_ALLOC_CONF"] = env_conf
+    code = ("import torch; from ftcluster.model.checkpointing import exact_pinned_sizes as f; "
+            "assert f(); print(torch._C._accelerator_getAllocatorSettings())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_offload_stops_pinned_blocks_rounding_to_a_power_of_two() -> None:
+    """torch's pinned allocator rounds every block up to a power of two unless told otherwise: at
+    8B x 393,216 tokens that asked 128 GiB of host RAM for 96 GiB of layer inputs (one H200,
+    2026-12-03). The offloader turns the rounding off above 64 MB; a user's own value is kept.
+    (The call from the CUDA copy path itself needs a GPU; this checks what it does.)"""
+    from ftcluster.model.checkpointing import PINNED_ROUND, PINNED_ROUND_MB
+    assert f"{PINNED_ROUND}:{PINNED_ROUND_MB}" in _allocator_settings_after(None)
+    mine = _allocator_settings_after(f"{PINNED_ROUND}:8")
+    assert f"{PINNED_ROUND}:8" in mine and f"{PINNED_ROUND}:{PINNED_ROUND_MB}" not in mine

@@ -178,11 +178,36 @@ class ActivationOffloader:
         self.stats.fetched += 1
 
 
+PINNED_ROUND = "pinned_max_round_threshold_mb"
+PINNED_ROUND_MB = 64
+
+
+def exact_pinned_sizes() -> bool:
+    """Stop torch's pinned host allocator rounding large blocks up to a power of two. It does that
+    for every size by default, so a 3 GiB layer input (8B, 393,216 tokens) takes 4 GiB of pinned
+    RAM: 32 layers asked 128 GiB of a 125 GiB host and the rank was killed (one H200, 2026-12-03,
+    bench/RESULTS.md). Above PINNED_ROUND_MB a block is taken at its size (torch >= 2.9's allocator
+    setting; vLLM sets the same for its host tiers). A user's own setting of the key wins.
+    Returns whether the setting is in force."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if get is None or put is None:
+        log.warning("%s=offload: this torch cannot stop its pinned allocator rounding blocks up to a power of "
+                    "two; host memory for offloaded activations may be up to 2x their size", KEY)
+        return False
+    current = get()
+    if PINNED_ROUND in current:
+        return True
+    put(f"{current},{PINNED_ROUND}:{PINNED_ROUND_MB}" if current else f"{PINNED_ROUND}:{PINNED_ROUND_MB}")
+    return PINNED_ROUND in get()
+
+
 class _CudaCopies:
     """Device <-> pinned host copies on one side stream per device; ordering by stream waits and
     events only (no host sync: nothing here blocks the CPU on the GPU)."""
 
     def __init__(self, device: torch.device) -> None:
+        exact_pinned_sizes()  # before the first pinned block
         self.device = device
         self.stream = torch.cuda.Stream(device)
 
