@@ -178,28 +178,51 @@ class ActivationOffloader:
         self.stats.fetched += 1
 
 
-PINNED_ROUND = "pinned_max_round_threshold_mb"
-PINNED_ROUND_MB = 64
+PINNED_MIN_CHUNK = 1 << 20
 
 
-def exact_pinned_sizes() -> bool:
-    """Stop torch's pinned host allocator rounding large blocks up to a power of two. It does that
-    for every size by default, so a 3 GiB layer input (8B, 393,216 tokens) takes 4 GiB of pinned
-    RAM: 32 layers asked 128 GiB of a 125 GiB host and the rank was killed (one H200, 2026-12-03,
-    bench/RESULTS.md). Above PINNED_ROUND_MB a block is taken at its size (torch >= 2.9's allocator
-    setting; vLLM sets the same for its host tiers). A user's own setting of the key wins.
-    Returns whether the setting is in force."""
-    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    put = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if get is None or put is None:
-        log.warning("%s=offload: this torch cannot stop its pinned allocator rounding blocks up to a power of "
-                    "two; host memory for offloaded activations may be up to 2x their size", KEY)
-        return False
-    current = get()
-    if PINNED_ROUND in current:
-        return True
-    put(f"{current},{PINNED_ROUND}:{PINNED_ROUND_MB}" if current else f"{PINNED_ROUND}:{PINNED_ROUND_MB}")
-    return PINNED_ROUND in get()
+def pinned_chunks(nbytes: int) -> list[tuple[int, int]]:
+    """(start, stop) byte ranges that cut one offloaded tensor into power-of-two blocks, largest first.
+    torch's pinned host allocator rounds every block up to a power of two (torch < 2.9 has no setting
+    to stop it): a 3 GiB layer input (8B, 393,216 tokens) took 4 GiB of pinned RAM, and 32 layers asked
+    128 GiB of a 125 GiB host, which killed the rank (one H200, 2026-12-03, bench/RESULTS.md). Blocks
+    that are powers of two already waste nothing; the tail below PINNED_MIN_CHUNK stays one block."""
+    out, pos = [], 0
+    while pos < nbytes:
+        rest = nbytes - pos
+        size = rest if rest <= PINNED_MIN_CHUNK else 1 << (rest.bit_length() - 1)
+        out.append((pos, pos + size))
+        pos += size
+    return out
+
+
+def host_copy(t: torch.Tensor, *, pin: bool, non_blocking: bool) -> list[torch.Tensor]:
+    """`t`'s elements as host blocks along pinned_chunks (each a flat tensor of t's dtype)."""
+    flat = t.detach().reshape(-1)  # layer inputs are contiguous: a view, no copy
+    size = flat.element_size()
+    blocks = []
+    for a, b in pinned_chunks(flat.numel() * size):
+        block = torch.empty((b - a) // size, dtype=t.dtype, pin_memory=pin)
+        block.copy_(flat[a // size: b // size], non_blocking=non_blocking)
+        blocks.append(block)
+    return blocks
+
+
+def device_copy(blocks: list[torch.Tensor], out: torch.Tensor, *, non_blocking: bool) -> torch.Tensor:
+    """The inverse of host_copy into `out` (allocated by the caller, t's shape and dtype)."""
+    flat, pos = out.view(-1), 0
+    for block in blocks:
+        flat[pos: pos + block.numel()].copy_(block, non_blocking=non_blocking)
+        pos += block.numel()
+    return out
+
+
+@dataclass(frozen=True)
+class _Host:
+    """An offloaded tensor on the host: its blocks (host_copy) and what to rebuild it as."""
+    blocks: list
+    shape: torch.Size
+    dtype: torch.dtype
 
 
 class _CudaCopies:
@@ -207,16 +230,14 @@ class _CudaCopies:
     events only (no host sync: nothing here blocks the CPU on the GPU)."""
 
     def __init__(self, device: torch.device) -> None:
-        exact_pinned_sizes()  # before the first pinned block
         self.device = device
         self.stream = torch.cuda.Stream(device)
 
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+    def to_host(self, t: torch.Tensor) -> "_Host":
         compute = torch.cuda.current_stream(t.device)
         self.stream.wait_stream(compute)  # the kernels producing `t` run before the copy reads it
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)
+            host = _Host(host_copy(t, pin=True, non_blocking=True), t.shape, t.dtype)
         # `t` is dropped by the caller right away; the caching allocator must not hand its memory to
         # the compute stream before the side stream has read it.
         t.record_stream(self.stream)
@@ -229,7 +250,7 @@ class _CudaCopies:
         out = torch.empty(host.shape, dtype=host.dtype, device=device)
         self.stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
-            out.copy_(host, non_blocking=True)  # after this tensor's own device-to-host copy: same stream
+            device_copy(host.blocks, out, non_blocking=True)  # after this tensor's own device-to-host copy: same stream
             ready = self.stream.record_event()
         return out, ready
 
@@ -241,11 +262,11 @@ class _HostStandIn:
     """CPU stand-in for `_CudaCopies` (no pinned memory or streams on a CPU rank): plain host copies,
     so backward reads a copy made in forward, not the original tensor."""
 
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        return t.detach().clone()
+    def to_host(self, t: torch.Tensor) -> "_Host":
+        return _Host(host_copy(t, pin=False, non_blocking=False), t.shape, t.dtype)
 
-    def to_device(self, host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
-        return host.clone(), None
+    def to_device(self, host: "_Host", device: torch.device) -> tuple[torch.Tensor, Any]:
+        return device_copy(host.blocks, torch.empty(host.shape, dtype=host.dtype, device=device), non_blocking=False), None
 
     def wait(self, ready: Any) -> None:
         pass
