@@ -380,7 +380,12 @@ def _zero_state(job: JobConfig, table: ParamTable, *, ws: int, c: int) -> _State
         # parameters under stage3_param_persistence_threshold stay gathered all step.
         small = [p for p in all_params if _numel(p.shape) < job.parallel.stage3_param_persistence_threshold]
         s.comm = 2 * _gathered(table.layer, c) + _gathered(table.root, c) + _sum(small, lambda p: _numel(p.shape) * c)
-        s.comm += job.parallel.reduce_bucket_size * c + int(CALIBRATION["zero3_extra_gib"] * GIB)
+        s.comm += job.parallel.reduce_bucket_size * c
+        if ws > 1:
+            # The extra was fitted on 2-rank runs; at one rank ZeRO-3 holds none of it (one H200,
+            # 2026-12-03, bench/RESULTS.md: 1B LoRA measured exactly 3.0 GiB under a plan with it,
+            # 1B full fine-tune 1.7% over with it and 7.4% under without it).
+            s.comm += int(CALIBRATION["zero3_extra_gib"] * GIB)
     else:
         # ZeRO-1/2: the flat fp32 group is split evenly; the bf16 module stays whole on every rank.
         part = math.ceil(n_train / ws)
