@@ -407,7 +407,8 @@ class PeftConfig:
     """Store the frozen base linears of the decoder layers in float8 e4m3 (per-row scales) and run
     their forward and input-gradient GEMMs in FP8 (ftcluster/fp8.py): faster GEMMs on GPUs with FP8
     tensor cores (compute capability 8.9+), the same memory as bf16. An approximation of the base
-    (each weight to e4m3's 3-bit mantissa; tests/test_fp8.py is the accuracy check; not yet timed on a GPU);
+    (each weight to e4m3's 3-bit mantissa; tests/test_fp8.py is the accuracy check; one H200, 8B LoRA 4k:
+    1.26x the bf16 default's tokens/s, losses within 1.1e-3 relative over 20 steps, bench/RESULTS.md);
     adapters, their gradients and the loss stay in `train.dtype`. LoRA or LongLoRA with
     parallel=fsdp2 only; export merges into the original weights."""
 
