@@ -20,7 +20,7 @@
 # Whole, it runs past the device's 10-minute limit (2026-12-02: the peers alone took 300 s), so
 # PEERS=1|0, UNSLOTH=1|0, PEER_CONFIGS and RUNS (which of our rows: ours_auto ours_budget17
 # ours_budget24 ours_qlora_auto ours_auto_fused ours_auto_compile ours_compile_noliger
-# ours_offload_mb1 ours_fp8 ours_profile) pick the
+# ours_offload_mb1 ours_fp8 ours_profile ref_bf16) pick the
 # parts of one command; MAIN_STEPS/SHORT_STEPS shorten the runs. Each command's table compares only
 # the rows it ran: a ratio needs both sides measured in the same command.
 # Unsloth needs a tokenizer whose vocabulary covers the model's 128,256 ids (UNS_TOKENIZER; the
@@ -69,7 +69,10 @@ declare -A ARGS=([ours_auto]="$MAIN|" [ours_budget17]="$SHORT|train.memory_budge
   [ours_auto_compile]="$MAIN|model.compile=true" [ours_compile_noliger]="$MAIN|model.compile=true model.liger=false"
   [ours_offload_mb1]="$SHORT|train.activation_checkpointing=offload train.micro_batch_size=1"  # the 17-GiB layout, forced
   [ours_fp8]="$MAIN|peft.fp8_base=true"  # the frozen base in FP8 (ftcluster/fp8.py), opt-in
-  [ours_profile]="8|debug.profile_steps=2 debug.profile_from_step=6")  # where the auto layout's step time goes
+  [ours_profile]="8|debug.profile_steps=2 debug.profile_from_step=6"  # where the auto layout's step time goes
+  # The "bf16 path" whose losses the default must match (bench/compare_losses.py): no Liger, peft's
+  # LoRA forward, no checkpointing, mb 4 (the 8B default's micro-batch); tokens/s not a target.
+  [ref_bf16]="$MAIN|model.liger=false peft.fused=false train.activation_checkpointing=none train.micro_batch_size=4")
 for r in $RUNS; do
   a=${ARGS[$r]}; steps=${a%%|*}; o=${a#*|}
   ours "$r" "$steps" $o | tee "$OUT/$r.txt"
@@ -102,7 +105,7 @@ def peers(fname):
 p, u = peers("peer_lora.jsonl"), peers("unsloth_peer.jsonl")
 tok = lambda d, k: (d.get(k) or {}).get("tok_s")  # noqa: E731
 runs = {n: ours(n) for n in ("ours_auto", "ours_budget17", "ours_budget24", "ours_qlora_auto", "ours_auto_fused",
-                             "ours_auto_compile", "ours_compile_noliger", "ours_offload_mb1", "ours_fp8")}
+                             "ours_auto_compile", "ours_compile_noliger", "ours_offload_mb1", "ours_fp8", "ref_bf16")}
 def lay(r):
     l = r.get("layout") or {}
     if not l:

@@ -423,7 +423,6 @@ def test_cuda_copies_order_their_stream_operations(monkeypatch: pytest.MonkeyPat
     assert torch.equal(dev, x) and len(streams) == 1
 
 
-
 def test_offload_host_blocks_are_powers_of_two_and_round_trip() -> None:
     """torch's pinned allocator rounds each block up to a power of two: one 3 GiB layer input (8B,
     393,216 tokens) took 4 GiB, and 32 of them asked 128 GiB of a 125 GiB host (one H200,
